@@ -1,0 +1,31 @@
+"""Network definitions, built by name from a plain config dict.
+
+Every checkpoint the project writes stores ``{'family': ..., 'name': ..., 'kwargs': {...}}`` under ``'model'``, so
+``build_model(ckpt['model'])`` rebuilds the exact network without pickled classes or ``eval`` of strings.
+"""
+import importlib
+
+# family name -> module holding a ``MODELS`` registry dict (name -> constructor). Imported lazily so that a script
+# that only needs CIFAR models does not import timm and ViTAE code.
+FAMILIES = {
+    'vitae': 'models.vitae',
+    'cifar': 'models.cifar',
+}
+
+
+def registry(family):
+    """The ``MODELS`` dict of one family (name -> constructor)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(FAMILIES[family]).MODELS
+
+
+def build_model(config):
+    """Build a network from ``{'family': str, 'name': str, 'kwargs': dict}``."""
+    if not isinstance(config, dict) or not {'family', 'name'} <= set(config):
+        raise ValueError(f"a model config must be a dict with 'family', 'name' and 'kwargs', got {config!r}")
+    models = registry(config['family'])
+    name = config['name']
+    if name not in models:
+        raise ValueError(f"unknown {config['family']} model {name!r}; known: {', '.join(sorted(models))}")
+    return models[name](**dict(config.get('kwargs') or {}))
