@@ -1,0 +1,269 @@
+"""SeaM weight masks: linear and convolution layers whose weights can be switched off by learned binary masks.
+
+SeaM (Qi et al., ICSE 2023, "Reusing Deep Neural Network Models through Model Re-engineering") freezes a trained
+network and learns one real-valued mask score per weight; the forward pass keeps a weight where its score is > 0.
+The binarisation is trained with a straight-through estimator whose backward pass is a hardtanh.
+
+This file imports only torch and the standard library, so it can be copied alone into another repository.
+
+Usage::
+
+    layer = MaskConv(3, 16, 3, padding=1)       # exactly an nn.Conv2d; plain state dicts load into it
+    layer.load_state_dict(plain_conv.state_dict())
+    layer.enable_masks()                        # adds weight_mask / bias_mask (all 1), freezes weight / bias
+    loss = task_loss + alpha * weight_ratio(model)
+    plain_model = bake_masks(model)             # deep copy with nn.Conv2d / nn.Linear, masks multiplied in
+
+Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry) or ``'channel'`` (one score per output
+filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['MaskLinear', 'MaskConv', 'binarize', 'weight_ratio', 'kept_counts', 'bake_masks', 'enable_model_masks',
+           'masked_layers']
+
+GRANULARITIES = ('weight', 'channel')
+STES = ('seam', 'hardtanh')
+
+
+class _BinarizeSeam(torch.autograd.Function):
+    """Forward (m > 0); backward hardtanh(grad), i.e. the incoming gradient clamped to [-1, 1].
+
+    This is what SeaM's ``Binarization.backward`` does (``F.hardtanh(grad_output)``): the gradient passes straight
+    through, clipped elementwise, whatever the mask value."""
+
+    @staticmethod
+    def forward(ctx, mask):
+        return (mask > 0).to(mask.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return F.hardtanh(grad)
+
+
+class _BinarizeHardtanh(torch.autograd.Function):
+    """Forward (m > 0); backward grad * 1[|m| <= 1], the derivative of hardtanh(m) (the BinaryConnect-style STE)."""
+
+    @staticmethod
+    def forward(ctx, mask):
+        ctx.save_for_backward(mask)
+        return (mask > 0).to(mask.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * (mask.abs() <= 1).to(grad.dtype)
+
+
+def binarize(mask, ste='seam'):
+    """(mask > 0) as a float tensor of mask's shape and dtype, differentiable by a straight-through estimator.
+
+    ste='seam' (default): backward clamps the gradient to [-1, 1], as SeaM's code does.
+    ste='hardtanh': backward multiplies the gradient by 1[|mask| <= 1], the derivative of hardtanh.
+    """
+    if ste == 'seam':
+        return _BinarizeSeam.apply(mask)
+    if ste == 'hardtanh':
+        return _BinarizeHardtanh.apply(mask)
+    raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+
+
+class _MaskMixin:
+    """Mask logic shared by MaskLinear and MaskConv (a mixin so both stay true subclasses of the torch layers)."""
+
+    def _init_mask_state(self):
+        self.weight_mask = None
+        self.bias_mask = None
+        self.mask_granularity = None  # None: masks disabled, the layer is exactly its torch parent
+        self.ste = 'seam'
+
+    @property
+    def masks_enabled(self):
+        return self.weight_mask is not None
+
+    def _mask_shape(self, granularity):
+        if granularity == 'weight':
+            return tuple(self.weight.shape)
+        # one score per output filter/neuron, broadcast over the rest of its weight row
+        return (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+
+    def enable_masks(self, granularity='weight', ste='seam'):
+        """Add mask parameters initialised to 1 (everything kept) and freeze ``weight`` / ``bias``.
+
+        granularity='weight': ``weight_mask`` has the weight's shape, ``bias_mask`` the bias's shape (SeaM).
+        granularity='channel': ``weight_mask`` is (out, 1, 1, 1) for a conv, (out, 1) for a linear layer, and also
+        gates the bias entry of its channel (``bias_mask`` stays None), so a dropped channel outputs exactly 0.
+        Calling it again with the same settings keeps the existing masks.
+        """
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if ste not in STES:
+            raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+        if self.masks_enabled:
+            if granularity != self.mask_granularity:
+                raise ValueError(f"masks are already enabled with granularity {self.mask_granularity!r}; "
+                                 f"cannot switch to {granularity!r}")
+            self.ste = ste
+            return self
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.weight_mask = nn.Parameter(torch.ones(self._mask_shape(granularity), **kw))
+        if self.bias is not None and granularity == 'weight':
+            self.bias_mask = nn.Parameter(torch.ones(self.bias.shape, **kw))
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.mask_granularity = granularity
+        self.ste = ste
+        return self
+
+    def masked_weight_bias(self):
+        """(weight, bias) actually used by forward: masked when masks are enabled (differentiable in the masks)."""
+        if not self.masks_enabled:
+            return self.weight, self.bias
+        wm = binarize(self.weight_mask, self.ste)
+        weight = self.weight * wm
+        bias = self.bias
+        if bias is not None:
+            bm = binarize(self.bias_mask, self.ste) if self.bias_mask is not None else wm.reshape(-1)
+            bias = bias * bm
+        return weight, bias
+
+    def mask_counts(self, differentiable=False):
+        """(kept, total) elements of weight + bias under the current masks (total counts the masked tensors).
+
+        In channel mode each channel score stands for its whole weight row plus its bias entry, so the counts are
+        in weight elements at both granularities. With differentiable=True ``kept`` is a tensor with an STE path.
+        """
+        if not self.masks_enabled:
+            raise ValueError("mask_counts: masks are not enabled on this layer (call enable_masks() first)")
+        wm = binarize(self.weight_mask, self.ste)
+        per_score = self.weight.numel() // self.weight_mask.numel()
+        total = self.weight.numel()
+        if self.bias is not None and self.bias_mask is None:  # channel mode: the score also gates its bias entry
+            per_score += 1
+            total += self.bias.numel()
+        kept = wm.sum() * per_score
+        if self.bias_mask is not None:
+            kept = kept + binarize(self.bias_mask, self.ste).sum()
+            total += self.bias.numel()
+        return (kept if differentiable else int(kept.detach().round().item())), total
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state dict saved with masks (a SeaM run) loads into a fresh layer: create the masks first.
+        key = prefix + 'weight_mask'
+        if not self.masks_enabled and key in state_dict:
+            shape = tuple(state_dict[key].shape)
+            self.enable_masks('weight' if shape == tuple(self.weight.shape) else 'channel')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s + (f', masks={self.mask_granularity}' if self.masks_enabled else '')
+
+
+class MaskLinear(_MaskMixin, nn.Linear):
+    """nn.Linear with optional SeaM masks. x (..., in_features) -> (..., out_features).
+
+    Same constructor and parameter names as nn.Linear, so nn.Linear state dicts load into it unchanged."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_mask_state()
+
+    def forward(self, x):
+        weight, bias = self.masked_weight_bias()
+        return F.linear(x, weight, bias)
+
+
+class MaskConv(_MaskMixin, nn.Conv2d):
+    """nn.Conv2d with optional SeaM masks. x (N, C_in, H, W) -> (N, C_out, H_out, W_out).
+
+    Same constructor and parameter names as nn.Conv2d, so nn.Conv2d state dicts load into it unchanged."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode='zeros', device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        self._init_mask_state()
+
+    def forward(self, x):
+        weight, bias = self.masked_weight_bias()
+        return self._conv_forward(x, weight, bias)
+
+
+def masked_layers(model):
+    """[(name, layer)] of every MaskLinear / MaskConv in model whose masks are enabled."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _MaskMixin) and m.masks_enabled]
+
+
+def enable_model_masks(model, granularity='weight', ste='seam'):
+    """Call enable_masks on every MaskLinear / MaskConv in model; returns the model."""
+    layers = [m for m in model.modules() if isinstance(m, _MaskMixin)]
+    if not layers:
+        raise ValueError("enable_model_masks: the model contains no MaskLinear / MaskConv layer")
+    for m in layers:
+        m.enable_masks(granularity, ste)
+    return model
+
+
+def weight_ratio(model):
+    """Fraction of kept elements over all weight and bias masks of every masked layer: one global scalar tensor.
+
+    Equals SeaM's ``mean(binarize(cat(all masks)))`` at weight granularity; differentiable through the STE, so it
+    can be added to the loss (``ce + alpha * weight_ratio(model)``)."""
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError("weight_ratio: the model has no layer with masks enabled (call enable_masks() first)")
+    kept, total = 0, 0
+    for _, m in layers:
+        k, t = m.mask_counts(differentiable=True)
+        kept, total = kept + k, total + t
+    return kept / total
+
+
+def kept_counts(model):
+    """(kept, total) integer element counts over every masked layer (weight_ratio without the autograd path)."""
+    kept, total = 0, 0
+    for _, m in masked_layers(model):
+        k, t = m.mask_counts()
+        kept, total = kept + k, total + t
+    return kept, total
+
+
+def _plain_copy(layer):
+    """A plain nn.Linear / nn.Conv2d holding layer's masked weight and bias (no mask parameters)."""
+    with torch.no_grad():
+        weight, bias = layer.masked_weight_bias()
+        kw = dict(bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+        if isinstance(layer, nn.Conv2d):
+            new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                            padding_mode=layer.padding_mode, **kw)
+        else:
+            new = nn.Linear(layer.in_features, layer.out_features, **kw)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.train(layer.training)
+    return new
+
+
+def bake_masks(model):
+    """Deep copy of model where every MaskLinear / MaskConv is replaced by a plain nn.Linear / nn.Conv2d whose
+    weight and bias are multiplied by the binarised masks. The input model is left untouched.
+
+    A MaskLinear / MaskConv passed directly returns the plain layer."""
+    if isinstance(model, _MaskMixin):
+        return _plain_copy(model)
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, _MaskMixin):
+                setattr(module, child_name, _plain_copy(child))
+    return out

@@ -1,0 +1,187 @@
+"""layers/mask.py: hand-computed forward / STE gradients, frozen weights, weight_ratio, bake_masks, state dicts."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from layers.mask import MaskConv, MaskLinear, bake_masks, binarize, enable_model_masks, kept_counts, weight_ratio
+
+
+def _linear_case(ste='seam'):
+    lin = MaskLinear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1., 2.], [3., 4.]]))
+        lin.bias.copy_(torch.tensor([0.5, -1.]))
+    lin.enable_masks(ste=ste)
+    with torch.no_grad():
+        lin.weight_mask.copy_(torch.tensor([[1.5, -1.], [0.5, 0.]]))  # kept: (0,0), (1,0); 0 is dropped (> 0 rule)
+        lin.bias_mask.copy_(torch.tensor([1., -2.]))                  # kept: bias 0
+    return lin
+
+
+def test_linear_forward_hand_computed():
+    lin = _linear_case()
+    y = lin(torch.tensor([[2., -1.]]))
+    # y0 = 1*2 + 0.5 ; y1 = 3*2 (bias 1 masked)
+    assert torch.equal(y, torch.tensor([[2.5, 6.0]]))
+
+
+def test_linear_mask_grad_seam_ste_clamps_gradient():
+    lin = _linear_case('seam')
+    lin(torch.tensor([[2., -1.]])).sum().backward()
+    # d sum(y) / d binmask_ij = x_j * W_ij = [[2, -2], [6, -4]], then hardtanh-clamped to [-1, 1] (SeaM's backward)
+    assert torch.equal(lin.weight_mask.grad, torch.tensor([[1., -1.], [1., -1.]]))
+    # d sum(y) / d binmask_bias_i = b_i = [0.5, -1] (inside the clamp)
+    assert torch.equal(lin.bias_mask.grad, torch.tensor([0.5, -1.]))
+
+
+def test_linear_mask_grad_hardtanh_derivative_ste():
+    lin = _linear_case('hardtanh')
+    lin(torch.tensor([[2., -1.]])).sum().backward()
+    # grad * 1[|m| <= 1]: mask (0,0) = 1.5 lies outside, the rest passes unclamped
+    assert torch.equal(lin.weight_mask.grad, torch.tensor([[0., -2.], [6., -4.]]))
+    # bias mask 1 = -2 lies outside
+    assert torch.equal(lin.bias_mask.grad, torch.tensor([0.5, 0.]))
+
+
+def test_frozen_weights_get_no_grad():
+    lin = _linear_case()
+    conv = MaskConv(1, 2, 2).enable_masks()
+    lin(torch.randn(3, 2)).sum().backward()
+    conv(torch.randn(1, 1, 3, 3)).sum().backward()
+    for layer in (lin, conv):
+        assert not layer.weight.requires_grad and not layer.bias.requires_grad
+        assert layer.weight.grad is None and layer.bias.grad is None
+        assert layer.weight_mask.grad is not None
+
+
+def test_conv_forward_and_grad_hand_computed():
+    conv = MaskConv(1, 1, 2, bias=True)
+    w = torch.tensor([[[[1., 2.], [3., 4.]]]])
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.fill_(0.25)
+    conv.enable_masks()
+    with torch.no_grad():
+        conv.weight_mask.copy_(torch.tensor([[[[1., -1.], [-0.3, 2.]]]]))  # keeps w00 = 1 and w11 = 4
+    x = torch.arange(9.).reshape(1, 1, 3, 3)
+    y = conv(x)
+    # out[i, j] = 1 * x[i, j] + 4 * x[i+1, j+1] + 0.25
+    expected = torch.tensor([[[[0 + 16, 1 + 20], [3 + 28, 4 + 32]]]]) + 0.25
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    # d sum(out) / d binmask_pq = w_pq * sum_{i,j} x[i+p, j+q]; sums over windows: [[8, 12], [20, 24]]
+    raw = w[0, 0] * torch.tensor([[8., 12.], [20., 24.]])
+    assert torch.equal(conv.weight_mask.grad[0, 0], raw.clamp(-1, 1))
+    assert torch.equal(conv.bias_mask.grad, torch.tensor([1.]))  # 4 outputs * 0.25 = 1.0, inside the clamp
+
+
+def test_weight_ratio_exact_and_gradient():
+    model = nn.Sequential(MaskLinear(3, 2), nn.ReLU(), MaskLinear(2, 1, bias=False))
+    enable_model_masks(model)
+    with torch.no_grad():
+        model[0].weight_mask.copy_(torch.tensor([[1., -1., 1.], [-1., -1., 0.]]))  # 2 of 6 kept
+        model[0].bias_mask.copy_(torch.tensor([1., 0.2]))                          # 2 of 2 kept
+        model[2].weight_mask.copy_(torch.tensor([[-0.5, 3.]]))                     # 1 of 2 kept
+    r = weight_ratio(model)
+    assert r.item() == pytest.approx(5 / 10, abs=0)
+    assert kept_counts(model) == (5, 10)
+    r.backward()
+    # d ratio / d mask = 1/10 for every element (1/N passes the clamp)
+    for p in (model[0].weight_mask, model[0].bias_mask, model[2].weight_mask):
+        assert torch.allclose(p.grad, torch.full_like(p, 0.1))
+
+
+def test_weight_ratio_seam_formula_on_random_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskConv(3, 4, 3), MaskLinear(5, 6))
+    enable_model_masks(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    masks = [p.flatten() for n, p in model.named_parameters() if n.endswith('_mask')]
+    ref = (torch.cat(masks) > 0).float().mean()  # SeaM: mean of the binarised concatenation
+    assert torch.equal(weight_ratio(model), ref)
+
+
+def test_channel_mode_drops_filter_and_bias():
+    torch.manual_seed(0)
+    conv = MaskConv(2, 3, 3, padding=1)
+    ref = nn.Conv2d(2, 3, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    conv.enable_masks('channel')
+    assert conv.weight_mask.shape == (3, 1, 1, 1) and conv.bias_mask is None
+    with torch.no_grad():
+        conv.weight_mask[1] = -1.0
+    x = torch.randn(2, 2, 5, 5)
+    y, y_ref = conv(x), ref(x)
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))  # bias gated too
+    assert torch.allclose(y[:, [0, 2]], y_ref[:, [0, 2]], atol=1e-6)
+    # each channel score stands for 2*3*3 weights + 1 bias: 2 of 3 channels kept
+    assert kept_counts(conv) == (38, 57)
+    assert weight_ratio(nn.Sequential(conv)).item() == pytest.approx(2 / 3)
+
+
+def test_bake_masks_equals_masked_model_and_leaves_no_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskConv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          MaskLinear(4 * 6 * 6, 5))
+    enable_model_masks(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith('_mask'):
+                p.uniform_(-1, 1)
+    model.eval()
+    baked = bake_masks(model)
+    assert type(baked[0]) is nn.Conv2d and type(baked[4]) is nn.Linear
+    assert not any('mask' in k for k in baked.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    # independent reference: plain functional ops on weight * (mask > 0)
+    c = model[0]
+    h = torch.nn.functional.conv2d(x, c.weight * (c.weight_mask > 0), c.bias * (c.bias_mask > 0), padding=1)
+    h = torch.relu(model[1](h)).flatten(1)
+    lin = model[4]
+    ref = h @ (lin.weight * (lin.weight_mask > 0)).T + lin.bias * (lin.bias_mask > 0)
+    assert torch.allclose(baked(x), ref, atol=1e-5)
+    assert torch.allclose(model(x), ref, atol=1e-5)
+    assert isinstance(model[0], MaskConv) and model[0].masks_enabled  # original untouched
+
+
+def test_plain_state_dicts_load_and_mask_state_dicts_roundtrip():
+    torch.manual_seed(0)
+    plain_lin, plain_conv = nn.Linear(4, 3), nn.Conv2d(2, 3, 3)
+    lin, conv = MaskLinear(4, 3), MaskConv(2, 3, 3)
+    lin.load_state_dict(plain_lin.state_dict())
+    conv.load_state_dict(plain_conv.state_dict())
+    assert isinstance(lin, nn.Linear) and isinstance(conv, nn.Conv2d)
+    x, xi = torch.randn(2, 4), torch.randn(1, 2, 5, 5)
+    assert torch.equal(lin(x), plain_lin(x)) and torch.equal(conv(xi), plain_conv(xi))
+    conv.enable_masks()
+    with torch.no_grad():
+        conv.weight_mask.uniform_(-1, 1)
+    fresh = MaskConv(2, 3, 3)
+    fresh.load_state_dict(conv.state_dict())  # masks are created on load
+    assert fresh.masks_enabled and torch.equal(fresh(xi), conv(xi))
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match='granularity'):
+        MaskLinear(2, 2).enable_masks('block')
+    with pytest.raises(ValueError, match='ste'):
+        binarize(torch.ones(2), ste='sign')
+    with pytest.raises(ValueError, match='no layer with masks'):
+        weight_ratio(nn.Sequential(MaskLinear(2, 2)))
+
+
+def test_file_works_copied_alone(tmp_path):
+    shutil.copy(Path(__file__).resolve().parents[1] / 'layers' / 'mask.py', tmp_path / 'mask.py')
+    code = ("import torch, mask; m = mask.MaskLinear(3, 2).enable_masks(); "
+            "r = mask.weight_ratio(torch.nn.Sequential(m)); r.backward(); print(float(r))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '1.0'
