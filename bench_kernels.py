@@ -1,0 +1,190 @@
+"""Benchmark: dense F.linear vs Monarch (two-bmm reference and the compiled kernel) vs Butterfly.
+
+For each case (tokens, in -> out, nblocks) and dtype it times forward and forward+backward with
+torch.utils.benchmark (warm-up, then blocked runs; the median is reported) and prints time,
+achieved GFLOP/s, speedup over dense, the FLOP ratio dense/Monarch and speedup / ratio.
+
+    python bench_kernels.py                          # default cases, CPU float32 (+ CUDA if present)
+    python bench_kernels.py --device cpu --json runs/bench_cpu.json
+    python bench_kernels.py --device cuda --dtypes float32 bfloat16 float16 --tensorboard runs/bench
+    python bench_kernels.py --quick                  # small smoke run (seconds)
+    python bench_kernels.py --device cpu --threads 1 --cpu-time   # shared machine: CPU time, 1 thread
+    python bench_kernels.py --cases 4096x768x3072x4 16384x1024x1024x4
+
+A case is TOKENSxINxOUTxNBLOCKS. FLOPs come from MonarchLinear.flops / Butterfly.flops (no bias) and
+2*tokens*in*out for dense; forward+backward counts 3x the forward FLOPs. If the kernel cannot be built
+the script says why and benchmarks the rest.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import logging
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its CUDA_HOME guess is irrelevant here
+from torch.utils import benchmark  # noqa: E402
+
+from layers.butterfly import Butterfly
+from layers.monarch import MonarchLinear, monarch_multiply_ref
+
+VIT = [(768, 3072), (3072, 768), (1024, 1024)]
+DEFAULT_CASES = ([(4096, i, o, 4) for i, o in VIT] + [(4096, i, o, 16) for i, o in VIT]
+                 + [(64, i, o, 4) for i, o in VIT] + [(8, 1024, 1024, 4)])
+CUDA_EXTRA = [(16384, i, o, 4) for i, o in VIT]
+QUICK_CASES = [(256, 256, 512, 4)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_case(text):
+    try:
+        t, i, o, nb = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        fail(f"bad --cases entry {text!r}; use TOKENSxINxOUTxNBLOCKS, e.g. 4096x768x3072x4")
+    if min(t, i, o, nb) < 1 or nb > min(i, o):
+        fail(f"bad --cases entry {text!r}; need positive sizes and nblocks <= min(in, out)")
+    return t, i, o, nb
+
+
+def time_ms(fn, min_run_time, cpu_time=False):
+    fn()  # warm-up (also builds/loads anything lazy)
+    extra = {"timer": time.process_time} if cpu_time else {}
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), **extra)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
+    """name -> (forward fn, forward+backward fn, forward FLOPs)."""
+    tokens, fin, fout, nb = case
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    opts = dict(device=device, dtype=dtype)
+    mon = MonarchLinear(fin, fout, nb, bias=False, impl="ref")
+    w1 = mon.blkdiag1.detach().to(**opts).requires_grad_()
+    w2 = mon.blkdiag2.detach().to(**opts).requires_grad_()
+    x = torch.randn(tokens, fin, generator=gen).to(**opts).requires_grad_()
+    xm = F.pad(x.detach(), (0, mon.padded_in_features - fin)).requires_grad_()
+    w = (torch.randn(fout, fin, generator=gen) / fin ** 0.5).to(**opts).requires_grad_()
+    gd = torch.randn(tokens, fout, generator=gen).to(**opts)
+    gm = torch.randn(tokens, mon.padded_out_features, generator=gen).to(**opts)
+
+    def pair(f, inputs, grad):
+        def fwd():
+            with torch.no_grad():
+                f()
+
+        def fwdbwd():
+            torch.autograd.grad(f(), inputs, grad)
+        return fwd, fwdbwd
+
+    runners = {"dense": pair(lambda: F.linear(x, w), (x, w), gd) + (2 * tokens * fin * fout,)}
+    mflops = mon.flops(tokens)
+    runners["monarch_ref"] = pair(lambda: monarch_multiply_ref(xm, w1, w2), (xm, w1, w2), gm) + (mflops,)
+    if kernel_ok:
+        runners["monarch_kernel"] = pair(lambda: monarch_ops.monarch_multiply(xm, w1, w2), (xm, w1, w2),
+                                         gm) + (mflops,)
+    if dtype == torch.float32:
+        impl = "kernel" if bfly_ok else "ref"
+        bf = Butterfly(fin, fout, bias=False, impl=impl, device=device, dtype=dtype)
+        runners[f"butterfly_{impl}"] = pair(lambda: bf(x), (x, bf.twiddle), gd) + (bf.flops(tokens),)
+    return runners
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CPU float32, plus CUDA when a GPU is visible")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                    help="CUDA dtypes (default: float32 bfloat16 float16); CPU always uses float32")
+    ap.add_argument("--cases", nargs="+", default=None, help="TOKENSxINxOUTxNBLOCKS ...")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="CPU only: time with process CPU time instead of wall time (with --threads 1 this "
+                         "is robust to other jobs sharing the cores; it also counts OpenMP spin time)")
+    ap.add_argument("--quick", action="store_true", help="one small case, short timing (smoke test)")
+    ap.add_argument("--json", default=None, help="write results + device/torch/CUDA versions here")
+    ap.add_argument("--tensorboard", default=None, help="log results to this SummaryWriter folder")
+    args = ap.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if args.min_time <= 0 or (args.threads is not None and args.threads < 1):
+        fail("--min-time must be > 0 and --threads >= 1")
+    if args.cpu_time and args.device != "cpu":
+        fail("--cpu-time only makes sense with --device cpu (GPU work is not CPU time)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else (
+        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    cases = [parse_case(c) for c in args.cases] if args.cases else (QUICK_CASES if args.quick else DEFAULT_CASES)
+    min_time = 0.05 if args.quick else args.min_time
+
+    from cuda import butterfly_ops, monarch_ops  # builds the extension on first use (cached)
+
+    results = []
+    for device in devices:
+        kernel_ok, err = monarch_ops.kernel_available(device)
+        bfly_ok = kernel_ok and butterfly_ops.kernel_available(device)[0]
+        if not kernel_ok:
+            print(f"[{device}] monarch_seam kernel not built ({err.strip().splitlines()[0] if err else '?'}); "
+                  "benchmarking dense, reference and butterfly only")
+        dts = ["float32"] if device == "cpu" else (args.dtypes or ["float32", "bfloat16", "float16"])
+        dev_cases = cases + (CUDA_EXTRA if device == "cuda" and not args.cases and not args.quick else [])
+        name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+        print(f"\n== {device}: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+              f"threads {torch.get_num_threads()}")
+        hdr = (f"{'tokens':>6} {'in':>5} {'out':>5} {'nb':>3} {'dtype':>8} {'mode':>7} {'method':>16} "
+               f"{'ms':>9} {'GFLOP/s':>8} {'speedup':>8} {'ratio':>6} {'spd/ratio':>9} {'vs_ref':>7}")
+        print(hdr)
+        print("-" * len(hdr))
+        for case in dev_cases:
+            for dt in dts:
+                runners = make_runners(case, DTYPES[dt], device, kernel_ok, bfly_ok, monarch_ops)
+                for mode, idx, mult in (("fwd", 0, 1), ("fwd+bwd", 1, 3)):
+                    times = {m: time_ms(r[idx], min_time, args.cpu_time) for m, r in runners.items()}
+                    for method, ms in times.items():
+                        flops = runners[method][2] * mult
+                        dense_flops = runners["dense"][2] * mult
+                        speedup = times["dense"] / ms
+                        ratio = dense_flops / flops
+                        vs_ref = times["monarch_ref"] / ms if method.startswith("monarch") else float("nan")
+                        row = dict(device=device, tokens=case[0], fin=case[1], fout=case[2], nblocks=case[3],
+                                   dtype=dt, mode=mode, method=method, ms=ms, gflops=flops / ms / 1e6,
+                                   speedup=speedup, flop_ratio=ratio, frac_of_ratio=speedup / ratio,
+                                   vs_ref=vs_ref)
+                        results.append(row)
+                        print(f"{case[0]:>6} {case[1]:>5} {case[2]:>5} {case[3]:>3} {dt:>8} {mode:>7} {method:>16} "
+                              f"{ms:>9.3f} {row['gflops']:>8.1f} {speedup:>8.2f} {ratio:>6.2f} "
+                              f"{speedup / ratio:>9.2f} {vs_ref:>7.2f}", flush=True)
+
+    meta = dict(timer="process_time" if args.cpu_time else "wall", torch=torch.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(args.tensorboard) as tb:
+            for i, r in enumerate(results):
+                tag = f"{r['device']}/{r['dtype']}/{r['mode']}/{r['method']}"
+                tb.add_scalar(f"ms/{tag}", r["ms"], i)
+                tb.add_scalar(f"speedup/{tag}", r["speedup"], i)
+            tb.add_text("meta", json.dumps(meta))
+        print(f"logged to {args.tensorboard}")
+
+
+if __name__ == "__main__":
+    main()

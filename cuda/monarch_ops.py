@@ -1,0 +1,124 @@
+"""Python side of the compiled Monarch op (`torch.ops.monarch_seam.*`).
+
+    from cuda.monarch_ops import monarch_multiply, kernel_available
+    ok, err = kernel_available()                 # builds the CPU extension once (cached on disk)
+    out = monarch_multiply(x, w1, w2)            # x (..., K*P), w1 (K, Q, P), w2 (L, S, R) -> (..., L*S)
+
+Same math as `layers.monarch.monarch_multiply_ref`. Ops (schemas in cuda/monarch.cpp):
+  monarch_fwd(x, w1, w2) -> out                  x (B, K*P), out (B, L*S)
+  monarch_fwd_h(x, w1, w2) -> (out, h)           h: the stage-1 activations (B*K*Q,) in a
+                                                 device-specific layout, saved for backward
+  monarch_bwd(grad, x, w1, w2, h?) -> (dx, dw1, dw2)   h=None recomputes stage 1
+Fake (meta) kernels and autograd formulas are registered here, so the ops work under
+`torch.compile(fullgraph=True)` and pass `torch.library.opcheck`.
+"""
+import torch
+
+from cuda import build
+
+_registered = False
+
+
+def _fwd_fake(x, w1, w2):
+    return x.new_empty((x.shape[0], w2.shape[0] * w2.shape[1]))
+
+
+def _fwd_h_fake(x, w1, w2):
+    return _fwd_fake(x, w1, w2), x.new_empty((x.shape[0] * w1.shape[0] * w1.shape[1],))
+
+
+def _bwd_fake(grad, x, w1, w2, h):
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2)
+
+
+def _backward_fwd(ctx, grad):
+    x, w1, w2 = ctx.saved_tensors
+    return tuple(torch.ops.monarch_seam.monarch_bwd(grad, x, w1, w2, None))
+
+
+def _setup_fwd_h(ctx, inputs, output):
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+
+
+def _backward_fwd_h(ctx, grad, grad_h):
+    # h is an internal buffer that monarch_multiply never returns, so grad_h carries nothing.
+    x, w1, w2, h = ctx.saved_tensors
+    return tuple(torch.ops.monarch_seam.monarch_bwd(grad, x, w1, w2, h))
+
+
+def _register():
+    """Load the extension and register the Python-side pieces once. Raises on failure."""
+    global _registered
+    if _registered:
+        return
+    ok, err = build.load_cpu()
+    if not ok:
+        raise RuntimeError(f"monarch_seam extension unavailable: {err}")
+    lib = "monarch_seam::"
+    torch.library.register_fake(lib + "monarch_fwd")(_fwd_fake)
+    torch.library.register_fake(lib + "monarch_fwd_h")(_fwd_h_fake)
+    torch.library.register_fake(lib + "monarch_bwd")(_bwd_fake)
+    torch.library.register_autograd(lib + "monarch_fwd", _backward_fwd, setup_context=_setup_fwd)
+    torch.library.register_autograd(lib + "monarch_fwd_h", _backward_fwd_h,
+                                    setup_context=_setup_fwd_h)
+    _registered = True
+
+
+def kernel_available(device=None):
+    """(ok, error_text): whether the compiled op can run on `device` (default CPU). Builds once."""
+    try:
+        _register()
+    except Exception as e:
+        return False, str(e)
+    if device is not None and torch.device(device).type == "cuda":
+        return build.load_cuda()
+    return True, ""
+
+
+def _check(x, w1, w2):
+    if not (isinstance(x, torch.Tensor) and isinstance(w1, torch.Tensor) and isinstance(w2, torch.Tensor)):
+        raise ValueError("monarch_multiply: x, w1, w2 must be tensors")
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"monarch_multiply: w1 must be (K, Q, P) and w2 (L, S, R); got w1 "
+                         f"{tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    if x.dim() < 1 or x.shape[-1] != k * p:
+        raise ValueError(f"monarch_multiply: x.shape[-1] must be K*P={k * p}, got x {tuple(x.shape)}")
+    if k * q != l * r:
+        raise ValueError(f"monarch_multiply: need K*Q == L*R, got w1 {tuple(w1.shape)} and w2 "
+                         f"{tuple(w2.shape)}")
+    if not (x.dtype == w1.dtype == w2.dtype):
+        raise ValueError(f"monarch_multiply: x, w1, w2 dtypes differ ({x.dtype}, {w1.dtype}, {w2.dtype})")
+    if not (x.device == w1.device == w2.device):
+        raise ValueError("monarch_multiply: x, w1, w2 must be on one device")
+
+
+def monarch_multiply(x, w1, w2):
+    """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
+    K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2."""
+    _check(x, w1, w2)
+    # Plain global flags first, so that torch.compile only sees the op call once things are loaded.
+    if not _registered:
+        _register()
+    if x.device.type == "cuda":
+        if not build.cuda_loaded():
+            ok, err = build.load_cuda()
+            if not ok:  # NotImplementedError: the layers' documented signal to fall back to the reference
+                raise NotImplementedError(f"monarch_seam CUDA kernels unavailable: {err}")
+    elif x.device.type != "cpu":
+        raise NotImplementedError(f"no monarch_seam kernel for device {x.device.type!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
+    if need_grad:
+        out = torch.ops.monarch_seam.monarch_fwd_h(x2, w1, w2)[0]
+    else:
+        out = torch.ops.monarch_seam.monarch_fwd(x2, w1, w2)
+    return out.reshape(*lead, w2.shape[0] * w2.shape[1])
