@@ -1,0 +1,311 @@
+"""Small shared helpers for the scripts: user errors, DDP launch, checkpoints, run folders, logging, metrics.
+
+- ``UserError``; ``run_main(main)``: UserError / ValueError (incl. ``data.DataError``) -> ``error: ...`` on stderr, exit 2.
+- ``launch(worker, args, nproc)``: torchrun env present -> ``worker(RANK, WORLD_SIZE, args)`` in this process;
+  ``nproc > 1`` -> ``mp.spawn`` on a free port; else ``worker(0, 1, args)``. ``local_rank(rank)``.
+- ``setup_distributed(rank, world_size, backend=None)`` (gloo on CPU, nccl on CUDA; no-op for 1 process),
+  ``cleanup()``, ``is_main()``, ``broadcast_object(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
+- ``save_checkpoint(obj, path)`` (atomic), ``load_checkpoint(path, expected_kinds=None)`` (weights_only, one-line
+  UserError for anything that is not a checkpoint of this project). Format:
+  ``{'project': 'monarch-seam', 'kind': str, 'model': {'family', 'name', 'kwargs'}, 'state_dict': {...},
+  'args': dict, ...}``.
+- ``make_run_dir(output, args)``, ``latest_checkpoint(output, filename)``, ``Logger(run_dir, enabled)``.
+- ``seed_everything(seed)``, ``get_rng_state()`` / ``set_rng_state(state)``, ``count_params(model)``,
+  ``convert_sync_batchnorm(model, device)``.
+"""
+import json
+import os
+import pickle
+import random
+import re
+import socket
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+PROJECT = 'monarch-seam'
+CKPT_KINDS = ('vitae_train', 'cifar_base', 'seam_masks', 'seam_module')
+
+
+class UserError(Exception):
+    """A mistake of the user (bad flag, missing file): reported as one line, exit code 2."""
+
+
+def run_main(main):
+    """Call ``main()``; turn a user error into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
+    try:
+        main()
+    except (UserError, ValueError) as e:
+        msg = ' '.join(str(e).split()) or type(e).__name__
+        print(f'error: {msg}', file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+def _free_port():
+    # Ask the OS for a free port (bind to port 0) instead of hard-coding one that another job may hold.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun():
+    return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
+
+
+def local_rank(rank):
+    """GPU index of this process: torchrun's LOCAL_RANK, else the spawn rank (one machine)."""
+    return int(os.environ.get('LOCAL_RANK', rank))
+
+
+def _spawn_entry(rank, worker, world_size, args):
+    worker(rank, world_size, args)
+
+
+def launch(worker, args, nproc=1):
+    """Run ``worker(rank, world_size, args)`` once per process (see module docstring)."""
+    if under_torchrun():
+        return worker(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), args)
+    if nproc <= 1:
+        return worker(0, 1, args)
+    os.environ['MASTER_ADDR'] = '127.0.0.1'
+    os.environ['MASTER_PORT'] = str(_free_port())
+    try:
+        mp.spawn(_spawn_entry, args=(worker, nproc, args), nprocs=nproc, join=True)
+    except mp.ProcessRaisedException as e:
+        # The child's traceback ends with "module.ErrorType: message"; a user error becomes one line here.
+        last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
+        m = re.match(r'^(?:[\w.]+\.)?(UserError|DataError|ValueError): (.*)$', last)
+        if m:
+            raise UserError(f'rank {e.error_index}: {m.group(2)}') from None
+        raise
+
+
+def setup_distributed(rank, world_size, backend=None):
+    """Join the process group (env:// rendezvous: MASTER_ADDR/PORT set by ``launch`` or torchrun).
+    Returns ``is_main`` (rank 0): use it to guard printing, logging and file writes."""
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
+        if under_torchrun():
+            # Key the rendezvous by torchrun's restart count: after a restart (--max-restarts) the store may still
+            # hold the previous attempt's gloo addresses, and connecting to those fails.
+            store, _, _ = next(dist.rendezvous('env://'))
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return rank == 0
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    """Rank ``src``'s ``obj`` on every rank (e.g. the run folder chosen by rank 0)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values, device='cpu'):
+    """Sum a list of numbers over ranks exactly (float64; counts up to 2**53 stay exact). Returns a list."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: each rank's output depends on every rank's input, so the gradient of a rank's
+    input is the sum over ranks of the output gradients (another all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics are summed over all ranks with a differentiable all_reduce, so N
+    processes normalise exactly like one process with the whole batch (torch's SyncBatchNorm is GPU-only)."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), n]))
+        c = x.shape[1]
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = stats[c:2 * c] / count - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+def convert_sync_batchnorm(model, device):
+    """Batch statistics over all ranks: torch's SyncBatchNorm on CUDA, ``_GlooSyncBatchNorm`` on CPU."""
+    if torch.device(device).type == 'cuda':
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, mod in list(model.named_children()):
+        if type(mod) is torch.nn.BatchNorm2d:
+            new = _GlooSyncBatchNorm(mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
+            new.load_state_dict(mod.state_dict())
+            setattr(model, name, new)
+        else:
+            convert_sync_batchnorm(mod, device)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(obj, path):
+    """Write atomically: a temporary file in the same folder, then ``os.replace`` (a crash leaves the old file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expected_kinds=None, map_location='cpu'):
+    """Load a checkpoint of this project with ``weights_only=True``; any problem -> one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path!r} not found (not a file); pass the path of a .pt file this project wrote')
+    if not zipfile.is_zipfile(path):
+        raise UserError(f'{path!r} is not a PyTorch checkpoint (not a zip archive); pass a .pt file this project wrote')
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f'{path!r} is not a plain checkpoint of this project: loading it would need arbitrary '
+                        'pickled objects (refused, weights_only=True)') from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError):
+        raise UserError(f'{path!r} is not a PyTorch checkpoint (unreadable or truncated file)') from None
+    if not isinstance(obj, dict) or obj.get('project') != PROJECT:
+        raise UserError(f"{path!r} is not a checkpoint of this project (no 'project': '{PROJECT}' entry)")
+    missing = [k for k in ('kind', 'model', 'state_dict', 'args') if k not in obj]
+    if missing or not isinstance(obj['model'], dict) or not isinstance(obj['state_dict'], dict):
+        raise UserError(f'{path!r} is a malformed {PROJECT} checkpoint (missing or bad: {", ".join(missing) or "model"})')
+    if expected_kinds is not None and obj['kind'] not in expected_kinds:
+        raise UserError(f"{path!r} is a {obj['kind']!r} checkpoint; expected {' or '.join(map(repr, expected_kinds))}")
+    return obj
+
+
+def get_rng_state():
+    """All RNG states as plain tensors/lists (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            'python': [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ------------------------------------------------------------------------------------------------ runs, logs
+
+def make_run_dir(output, args=None):
+    """Create ``output/NNN`` (next free number) and save ``args`` (dict) there as ``args.json``."""
+    os.makedirs(output, exist_ok=True)
+    nums = [int(d) for d in os.listdir(output) if d.isdigit()]
+    n = max(nums, default=0) + 1
+    while True:
+        path = os.path.join(output, f'{n:03d}')
+        try:
+            os.makedirs(path)
+            break
+        except FileExistsError:  # another job took this number meanwhile
+            n += 1
+    if args is not None:
+        with open(os.path.join(path, 'args.json'), 'w') as f:
+            json.dump(args, f, indent=2, sort_keys=True)
+    return path
+
+
+def latest_checkpoint(output, filename='last.pt'):
+    """``output/NNN/filename`` of the highest-numbered run that has one, else None (for ``--resume auto``)."""
+    if not os.path.isdir(output):
+        return None
+    for d in sorted((d for d in os.listdir(output) if d.isdigit()), key=int, reverse=True):
+        path = os.path.join(output, d, filename)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class Logger:
+    """Rank-0 scalars to TensorBoard (SummaryWriter) and ``log.jsonl`` (one JSON object per line, flushed)."""
+
+    def __init__(self, run_dir, enabled=True):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run_dir)
+            self.file = open(os.path.join(run_dir, 'log.jsonl'), 'a')
+
+    def log(self, step, **scalars):
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.file.write(json.dumps({'step': step, **scalars}) + '\n')
+        self.file.flush()
+        self.writer.flush()
+
+    def close(self):
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def count_params(model, trainable_only=True):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,158 @@
+"""train_vitae_monarch.py: learning, DDP == single process, torchrun (+ restart after a killed worker), exact resume,
+bad input. Tiny settings (ViTAE-Tiny at 32 px, a few steps) keep the whole file around two minutes on 2 CPU cores.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train_vitae_monarch as tvm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny, randomness-free settings: no drop path / dropout (these draw per-rank random numbers), no mixup.
+TINY = ['--img-size', '32', '--batch-size', '16', '--limit-train-batches', '3', '--limit-eval-batches', '1',
+        '--eval-batch-size', '64', '--drop-path', '0', '--performer-drop', '0', '--progress', '0', '--no-test',
+        '--warmup-epochs', '0.5']
+
+
+def run_inproc(*argv):
+    tvm.main(list(argv))
+
+
+def run_cli(*argv, env=None, module=None, timeout=240):
+    cmd = [sys.executable] + (['-m', module] if module else []) + list(argv)
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore', **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def last(output):
+    path = common.latest_checkpoint(str(output))
+    assert path, f'no checkpoint under {output}'
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype.is_floating_point:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_tiny_run_learns(tmp_path):
+    run_inproc('--epochs', '3', '--output', str(tmp_path), *TINY, '--limit-train-batches', '12',
+               '--limit-eval-batches', '0', '--batch-size', '32')
+    log = [json.loads(line) for line in open(os.path.join(tmp_path, '001', 'log.jsonl'))]
+    epochs = [r for r in log if 'epoch' in r]
+    assert len(epochs) == 3
+    assert epochs[-1]['train/epoch_loss'] < epochs[0]['train/epoch_loss']
+    assert epochs[-1]['val/acc'] > 0.3  # chance is 0.1 on the 10 digit classes
+    ck = last(tmp_path)
+    assert ck['project'] == 'monarch-seam' and ck['kind'] == 'vitae_train' and ck['epoch'] == 3
+    assert {'optimizer', 'scheduler', 'scaler', 'ema', 'rng', 'args', 'model', 'state_dict', 'step'} <= set(ck)
+    assert ck['model']['kwargs']['mlp'] == 'monarch'
+    assert json.load(open(os.path.join(tmp_path, '001', 'args.json')))['epochs'] == 3
+
+
+def test_two_spawned_processes_match_one_process(tmp_path):
+    # SGD: Adam divides by sqrt(v), so on parameters whose exact gradient is ~0 (conv biases feeding a BatchNorm)
+    # it turns float rounding noise (which differs with the reduction order) into full-size steps of +-lr.
+    args = ['--epochs', '1', *TINY, '--opt', 'sgd', '--blr', '0.5']
+    run_inproc('--output', str(tmp_path / 'one'), *args)
+    r = run_cli('train_vitae_monarch.py', '--nproc', '2', '--output', str(tmp_path / 'two'), *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = last(tmp_path / 'one'), last(tmp_path / 'two')
+    assert two['world_size'] == 2 and one['world_size'] == 1
+    assert_same_weights(one['state_dict'], two['state_dict'], atol=1e-5)
+    assert_same_weights(one['ema'], two['ema'], atol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_completes_and_survives_a_killed_worker(tmp_path):
+    def torchrun(out, env=None):
+        return run_cli('--nproc_per_node', '2', '--max-restarts', '1', '--master-port', str(_free_port()),
+                       'train_vitae_monarch.py', '--epochs', '2', '--output', str(out), *TINY,
+                       module='torch.distributed.run', env=env)
+
+    clean = torchrun(tmp_path / 'clean')
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    # rank 1 exits (code 17) before global step 4 (the 2nd step of epoch 2) on the first attempt only; torchrun
+    # restarts both workers, which resume from the epoch-1 checkpoint with --resume auto.
+    faulty = run_cli('--nproc_per_node', '2', '--max-restarts', '1', '--master-port', str(_free_port()),
+                     'train_vitae_monarch.py', '--epochs', '2', '--output', str(tmp_path / 'faulty'), '--resume',
+                     'auto', *TINY, module='torch.distributed.run', env={'VITAE_FAULT_STEP': '4'})
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert 'resumed' in faulty.stdout and 'resumed' not in clean.stdout
+    a, b = last(tmp_path / 'clean'), last(tmp_path / 'faulty')
+    assert a['epoch'] == b['epoch'] == 2 and a['step'] == b['step'] == 6
+    assert_same_weights(a['state_dict'], b['state_dict'], atol=1e-6)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    args = ['--epochs', '2', *TINY, '--drop-path', '0.1', '--performer-drop', '0.1']  # randomness must resume too
+    run_inproc('--output', str(tmp_path / 'straight'), *args)
+    run_inproc('--output', str(tmp_path / 'split'), '--stop-epoch', '1', *args)
+    assert last(tmp_path / 'split')['epoch'] == 1
+    run_inproc('--output', str(tmp_path / 'split'), '--resume', 'auto', *args)
+    a, b = last(tmp_path / 'straight'), last(tmp_path / 'split')
+    assert b['epoch'] == 2 and not os.path.exists(tmp_path / 'split' / '002')  # continued in the same run folder
+    for key in ('state_dict', 'ema'):
+        assert_same_weights(a[key], b[key], atol=0)
+    assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
+    assert a['scheduler']['last_epoch'] == b['scheduler']['last_epoch'] == 6
+
+
+def _user_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: tvm.main(list(argv)))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith('error: ') and '\n' not in err, err
+    return err
+
+
+def test_missing_data_folder_cli(tmp_path):
+    r = run_cli('train_vitae_monarch.py', '--dataset', 'cifar10', '--data-dir', str(tmp_path / 'nope'),
+                '--output', str(tmp_path))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and 'cifar-10-batches-py' in lines[0]
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    out = str(tmp_path / 'runs')
+    assert 'vitae_basic_tiny' in _user_error(capsys, '--model', 'vitae_huge', '--output', out)
+    assert 'nblocks' in _user_error(capsys, '--nblocks', '3', '--output', out)
+    assert 'not a file' in _user_error(capsys, '--resume', str(tmp_path / 'none.pt'), '--output', out)
+    (tmp_path / 'junk.pt').write_text('hello')
+    assert 'not a PyTorch checkpoint' in _user_error(capsys, '--resume', str(tmp_path / 'junk.pt'), '--output', out)
+    # a real checkpoint of another architecture (dense) cannot be resumed as Monarch nor used as a Monarch init source
+    run_inproc('--epochs', '1', '--mlp', 'dense', '--output', out, *TINY, '--limit-train-batches', '1')
+    dense_ck = common.latest_checkpoint(out)
+    assert "mlp" in _user_error(capsys, '--resume', dense_ck, '--output', out)
+    # and a Monarch checkpoint is not a valid --init-from (needs dense weights)
+    run_inproc('--epochs', '1', '--output', str(tmp_path / 'm'), *TINY, '--limit-train-batches', '1')
+    assert 'dense' in _user_error(capsys, '--init-from', common.latest_checkpoint(str(tmp_path / 'm')),
+                                  '--output', out)
+    # the dense checkpoint does project into Monarch (the paper's dense-to-sparse fine-tuning)
+    run_inproc('--epochs', '1', '--init-from', dense_ck, '--output', str(tmp_path / 'ft'), *TINY,
+               '--limit-train-batches', '1')
+    assert last(tmp_path / 'ft')['epoch'] == 1
+    assert 'divisible' in _user_error(capsys, '--nproc', '3', '--output', out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_bf16_run(tmp_path):
+    run_inproc('--device', 'cuda', '--amp', 'bf16', '--epochs', '1', '--output', str(tmp_path), *TINY)
+    assert last(tmp_path)['epoch'] == 1
