@@ -1,0 +1,319 @@
+"""Evaluate any checkpoint this project writes: accuracy, params, FLOPs/image, latency; side by side for several.
+
+    python eval.py runs/vitae/001/last.pt --dataset digits                          # one checkpoint, CPU
+    python eval.py runs/dense/001/last.pt runs/monarch/001/last.pt --dataset digits --json cmp.json
+    python eval.py runs/seam/001/base.pt runs/seam/001/masks.pt runs/seam/001/module.pt \\
+        --dataset cifar10 --data-dir ~/data --per-class     # base CNN vs SeaM masks vs extracted module
+    python eval.py last.pt --dataset imagenet --data-dir /imagenet --split val --real-json real.json \\
+        --device cuda --amp bf16 --batch-size 256 --nproc 8                        # 8 GPUs (mp.spawn), ReaL too
+    torchrun --nproc_per_node 8 eval.py last.pt --dataset imagenet --data-dir /imagenet --split val --device cuda
+
+Kinds: 'vitae_train' (EMA weights when the checkpoint has them, unless --no-ema), 'cifar_base', 'seam_module' and
+'seam_masks' (the base weights + SeaM masks + module head, all in its state dict: masks are re-enabled with the
+stored granularity, then loaded). SeaM checkpoints are scored on their task: the test images of the task's
+classes (binary: the target class + as many seeded negatives, exactly as reengineer_seam.py draws them) with the
+task's labels (binary: 0 = target, 1 = other; multiclass: position in 'classes').
+
+Evaluation is exact under N processes: each sample goes to exactly one rank (data.ExactDistributedSampler) and
+the counts are summed with all_reduce. ReaL (Beyer et al. 2020) labels are looked up by each sample's dataset
+index (returned by the loader), never by prediction order; images with an empty ReaL list are skipped.
+FLOPs/image and params: models/flops.py (structured layers by their real cost, masked layers by nonzero weights).
+Latency (rank 0, after evaluation, float32 or --amp): warm-up, then the median of --latency-iters timed forwards
+at batch 1 and --latency-batch (CUDA events on GPU, perf_counter on CPU). The progress bar shows on a terminal.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import data
+from common import UserError
+from models import build_model
+from models.flops import count_flops, count_params, format_count
+
+KINDS = ('vitae_train', 'cifar_base', 'seam_masks', 'seam_module')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('checkpoints', nargs='+', metavar='CKPT', help='checkpoints of this project; ratios are against the first')
+    a('--dataset', required=True, choices=data.NAMES)
+    a('--data-dir', default=None)
+    a('--split', default='test', choices=('test', 'val'))
+    a('--data-seed', type=int, default=None, help="split seed (default: the checkpoint's data_seed, else 0)")
+    a('--img-size', type=int, default=None, help="default: the checkpoint's img_size")
+    a('--batch-size', type=int, default=256)
+    a('--workers', type=int, default=0)
+    a('--per-class', action='store_true', help='also print per-class accuracy')
+    a('--real-json', default=None, help='ImageNet ReaL labels (real.json), with --dataset imagenet --split val')
+    a('--nproc', type=int, default=1, help='processes (mp.spawn); under torchrun the launcher decides')
+    a('--amp', default='none', choices=('none', 'bf16', 'fp16'))
+    a('--no-ema', action='store_true', help="vitae_train: evaluate the raw weights, not the EMA")
+    a('--json', default=None, metavar='PATH', help='write all numbers to this JSON file')
+    a('--latency-batch', type=int, default=64)
+    a('--latency-iters', type=int, default=10, help='timed forwards per batch size (0 = skip latency)')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=('cpu', 'cuda'))
+    a('--threads', type=int, default=0, help='torch CPU threads per process (0 = torch default)')
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.batch_size < 1 or args.nproc < 1 or args.latency_batch < 1 or args.latency_iters < 0:
+        raise UserError('--batch-size, --nproc and --latency-batch must be >= 1 and --latency-iters >= 0')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda but no CUDA device is visible; use --device cpu')
+    if args.real_json and (args.dataset != 'imagenet' or args.split != 'val'):
+        raise UserError('--real-json needs --dataset imagenet --split val (ReaL relabels the ImageNet val set)')
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def prepare(path, args):
+    """Load ``path`` (weights_only) and describe how to evaluate it: model, label mapping, image size."""
+    ck = common.load_checkpoint(path, KINDS)
+    kind, cfg, cargs = ck['kind'], ck['model'], ck.get('args') or {}
+    try:
+        model = build_model(cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f'{path!r}: cannot rebuild its model {cfg!r} ({e})') from None
+    state, weights = ck['state_dict'], 'model'
+    if kind == 'vitae_train' and ck.get('ema') is not None and not args.no_ema:
+        state, weights = ck['ema'], 'ema'
+    if kind == 'seam_masks':  # masks are parameters that exist only once enabled
+        for m in model.modules():
+            if hasattr(m, 'enable_masks'):
+                m.enable_masks(ck.get('mask_granularity', 'weight'))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f'{path!r}: its state_dict does not fit its model config ({str(e).splitlines()[0]})') from None
+    info = data.dataset_info(args.dataset)
+    n_data = int(cargs.get('num_classes', 10)) if args.dataset == 'synthetic' else info['num_classes']
+    task, classes = None, None
+    if kind in ('seam_masks', 'seam_module'):
+        task, classes = ck.get('task') or cargs.get('task'), list(ck.get('classes') or [])
+        if not classes or not all(0 <= c < n_data for c in classes):
+            raise UserError(f"{path!r}: its task classes {classes} do not exist in {args.dataset} ({n_data} classes)")
+        n_expect = 2 if task == 'binary' else len(classes)
+    else:
+        n_expect = n_data
+    img = args.img_size or cargs.get('img_size') or cfg.get('kwargs', {}).get('img_size') or 32
+    model.eval()
+    with torch.no_grad():
+        n_out = model(torch.zeros(1, 3, img, img)).shape[-1]
+    if n_out != n_expect:
+        raise UserError(f"{path!r} outputs {n_out} classes but {args.dataset}"
+                        f"{' (task ' + str(task) + ')' if task else ''} has {n_expect}; pass the --dataset it was "
+                        'trained on')
+    name = f"{cfg['name']}" + (f"/{cfg['kwargs']['mlp']}" if 'mlp' in cfg.get('kwargs', {}) else '')
+    data_seed = args.data_seed if args.data_seed is not None else int(cargs.get('data_seed', 0))
+    return dict(path=path, kind=kind, model=model, name=name, weights=weights, task=task, classes=classes,
+                seed=int(cargs.get('seed', 0)), img_size=int(img), n_classes=n_out, data_seed=data_seed,
+                n_data_classes=n_data)
+
+
+class TaskView(torch.utils.data.Dataset):
+    """Items ``indices`` of an index-returning dataset with labels remapped: (x, label_map[y], position here)."""
+
+    def __init__(self, base, indices, label_map):
+        self.base, self.indices, self.label_map = base, [int(i) for i in indices], label_map
+        self.targets = [label_map[base.targets[i]] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        x, y = self.base[self.indices[i]][:2]
+        return x, self.label_map[y], i
+
+
+def eval_dataset(e, args):
+    """The dataset (items (x, y, index)) a prepared checkpoint is scored on."""
+    n = e['n_data_classes']
+    ds = data.build_dataset(args.dataset, args.split, args.data_dir, e['img_size'], seed=e['data_seed'],
+                            num_classes=n if args.dataset == 'synthetic' else None, return_index=True)
+    if e['task'] is None:
+        return ds
+    t, classes = np.asarray(ds.targets), e['classes']
+    if e['task'] == 'binary':  # reengineer_seam.py's draw: target images + the same number of seeded negatives
+        pos = np.flatnonzero(t == classes[0])
+        neg = np.random.default_rng(e['seed']).permutation(np.flatnonzero(t != classes[0]))[:len(pos)]
+        return TaskView(ds, np.concatenate([pos, neg]), {c: int(c != classes[0]) for c in range(n)})
+    return TaskView(ds, np.flatnonzero(np.isin(t, classes)), {c: i for i, c in enumerate(classes)})
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def autocast_ctx(args, device):
+    if args.amp == 'none':
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(e, args, rank, world_size, device, real):
+    """Summed-over-ranks counts: correct top-1 / top-5, samples, per-class correct / totals, ReaL correct / counted."""
+    ds = eval_dataset(e, args)
+    aligned = data.real_labels_for(ds, real) if real is not None else None
+    loader = data.build_loader(ds, args.batch_size, distributed=world_size > 1, rank=rank, world_size=world_size,
+                               num_workers=args.workers, exact=True)
+    model, k = e['model'].to(device).eval(), e['n_classes']
+    c1 = c5 = n = r_ok = r_n = 0
+    cls_ok, cls_n = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    bar = tqdm(loader, desc=e['path'][-40:], disable=True if rank != 0 else None, file=sys.stderr, leave=False)
+    for x, y, idx in bar:
+        with autocast_ctx(args, device):
+            logits = model(x.to(device, non_blocking=True)).float().cpu()
+        top = logits.topk(min(5, k), dim=1).indices
+        hit1 = top[:, 0] == y
+        c1 += int(hit1.sum())
+        c5 += int((top == y[:, None]).any(1).sum())
+        n += len(y)
+        cls_n += torch.bincount(y, minlength=k).double()
+        cls_ok += torch.bincount(y[hit1], minlength=k).double()
+        if aligned is not None:
+            ok, cnt = data.real_correct(top[:, 0], idx, aligned)
+            r_ok, r_n = r_ok + ok, r_n + cnt
+    tot = common.all_reduce_sum([c1, c5, n, r_ok, r_n, *cls_ok.tolist(), *cls_n.tolist()])
+    model.cpu()
+    return dict(top1=tot[0], top5=tot[1], n=tot[2], real_ok=tot[3], real_n=tot[4], cls_ok=tot[5:5 + k],
+                cls_n=tot[5 + k:])
+
+
+@torch.no_grad()
+def latency_ms(model, batch, img_size, iters, device, args):
+    """Median milliseconds of one forward (after warm-up) at this batch size."""
+    model = model.to(device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    times = []
+    with autocast_ctx(args, device):
+        for i in range(3 + iters):  # the first forwards pay for allocation, kernel selection, lazy builds
+            if device.type == 'cuda':
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(x)
+                end.record()
+                torch.cuda.synchronize()
+                t = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                model(x)
+                t = 1000 * (time.perf_counter() - t0)
+            if i >= 3:
+                times.append(t)
+    model.cpu()
+    return statistics.median(times)
+
+
+def measure(e, counts, args, device):
+    """Everything reported for one checkpoint (rank 0)."""
+    model, n = e['model'], max(counts['n'], 1)
+    x1 = torch.zeros(1, 3, e['img_size'], e['img_size'])
+    r = dict(checkpoint=e['path'], kind=e['kind'], model=e['name'], weights=e['weights'], task=e['task'],
+             classes=e['classes'], samples=int(counts['n']), top1=100 * counts['top1'] / n,
+             top5=100 * counts['top5'] / n if e['n_classes'] >= 5 else None,
+             real=100 * counts['real_ok'] / counts['real_n'] if counts['real_n'] else None,
+             real_samples=int(counts['real_n']), params=count_params(model),
+             flops_per_image=count_flops(model, x1)['per_image'])
+    if args.per_class:
+        r['per_class'] = [100 * ok / c if c else None for ok, c in zip(counts['cls_ok'], counts['cls_n'])]
+    if args.latency_iters:
+        for b in (1, args.latency_batch):
+            r[f'latency_b{b}_ms'] = latency_ms(model, b, e['img_size'], args.latency_iters, device, args)
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def table(results, args):
+    rows = [('kind', 'kind', None), ('model', 'model', None), ('weights', 'weights', None),
+            ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'), ('top-5 %', 'top5', '.2f'),
+            ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'), ('FLOPs/image', 'flops_per_image', 'n')]
+    rows += [(f'latency b{b} ms', f'latency_b{b}_ms', '.3f') for b in (1, args.latency_batch)]
+    ref = results[0]
+    cols = [[label] for label, _, _ in rows]
+    heads = ['checkpoint'] + [r['checkpoint'] if len(r['checkpoint']) <= 32 else '...' + r['checkpoint'][-29:]
+                              for r in results]
+    for j, r in enumerate(results):
+        for i, (_, key, fmt) in enumerate(rows):
+            v = r.get(key)
+            if v is None:
+                cols[i].append('-')
+                continue
+            s = str(v) if fmt is None else (format_count(v) if fmt == 'n' else format(v, fmt))
+            if j and fmt is not None and key != 'samples' and ref.get(key):
+                s += f' ({v / ref[key]:.2f}x)'
+            cols[i].append(s)
+    keep = [c for c in cols if any(v != '-' for v in c[1:])]
+    widths = [max(len(x) for x in col) for col in zip(heads, *keep)]
+    lines = ['  '.join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [heads] + keep]
+    return '\n'.join(lines)
+
+
+def worker(rank, world_size, args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif world_size > 1 and args.device == 'cpu':  # N CPU processes share the cores instead of oversubscribing
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    main_rank = common.setup_distributed(rank, world_size)
+    try:
+        device = torch.device('cuda', common.local_rank(rank)) if args.device == 'cuda' else torch.device('cpu')
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        entries = [prepare(p, args) for p in args.checkpoints]
+        real = data.load_real_labels(args.real_json) if args.real_json else None
+        if real is not None and any(e['task'] for e in entries):
+            raise UserError('--real-json scores the 1000 ImageNet classes; a SeaM task checkpoint has other labels')
+        results = []
+        for e in entries:
+            counts = evaluate(e, args, rank, world_size, device, real)
+            if main_rank:
+                results.append(measure(e, counts, args, device))
+            common.barrier()
+        if main_rank:
+            print(table(results, args))
+            if args.per_class:
+                for r in results:
+                    names = [str(c) for c in r['classes']] if r['classes'] else None
+                    if r['task'] == 'binary':
+                        names = [f"target {r['classes'][0]}", 'other']
+                    print(f"per-class top-1 % of {r['checkpoint']}:")
+                    print('  ' + ', '.join(f"{names[i] if names else i}: {'-' if a is None else f'{a:.1f}'}"
+                                           for i, a in enumerate(r['per_class'])))
+            if args.json:
+                with open(args.json, 'w') as f:
+                    json.dump({'dataset': args.dataset, 'split': args.split, 'world_size': world_size,
+                               'amp': args.amp, 'device': str(device), 'results': results}, f, indent=2)
+    finally:
+        common.cleanup()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Validate everything in this process first, so a user mistake is one line before any process starts.
+    entries = [prepare(p, args) for p in args.checkpoints]
+    for key in {(e['img_size'], e['data_seed']) for e in entries}:
+        e = next(x for x in entries if (x['img_size'], x['data_seed']) == key)
+        if args.real_json:
+            data.real_labels_for(eval_dataset(e, args), data.load_real_labels(args.real_json))
+        elif args.dataset != 'digits' and args.dataset != 'synthetic':
+            eval_dataset(e, args)  # missing / malformed folder -> DataError now
+    del entries
+    common.launch(worker, args, args.nproc)
+
+
+if __name__ == '__main__':
+    common.run_main(main)
