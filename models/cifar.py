@@ -1,0 +1,180 @@
+"""CIFAR-style VGG16-BN and ResNet20 (32x32 inputs), built from SeaM mask layers.
+
+The architectures and state-dict keys are those of chenyaofo/pytorch-cifar-models, so its released CIFAR-10/100
+checkpoints (plain state dicts) load unchanged: VGG16-BN has biased 3x3 convolutions and a 512-512-classes
+classifier (``features.N.*``, ``classifier.{0,3,6}.*``); ResNet20 has bias-free convolutions
+(``conv1``, ``bn1``, ``layerS.B.{conv1,bn1,conv2,bn2}``, ``layerS.0.downsample.{0,1}``, ``fc``).
+
+Every constructor also takes
+- ``head_classes=k``: appends SeaM's module head ``module_head = Sequential(ReLU, Linear(fc_out, k))`` after the
+  original output layer (the re-engineered module's task output);
+- ``widths=[...]``: the channel counts of a physically pruned network (what ``models.extract`` produces), so an
+  extracted module is rebuilt from its config dict alone. ``vgg16_bn``: 16 ints = 13 conv widths, the two hidden
+  classifier widths, the classifier output width. ``resnet20``: 13 ints = the 3 residual-stream widths (one per
+  stage), the 9 block-internal widths (conv1 of each block), the fc output width.
+
+Channel-level masks (``enable_masks('channel')``): a switched-off filter must give exactly 0 after its BatchNorm
+(otherwise BN turns the zero into a constant and the channel cannot be removed), so the forward passes below
+multiply each conv's BN output by that conv's binary channel gate. At weight granularity the gate is absent.
+"""
+import torch
+import torch.nn as nn
+
+from layers.mask import MaskConv, MaskLinear, binarize
+
+VGG16_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']
+RESNET20_BLOCKS = 3  # blocks per stage
+RESNET20_STAGE_WIDTHS = (16, 32, 64)
+
+
+def channel_gate(conv, y):
+    """y (N, C, H, W) times conv's binary channel gate when conv has channel-level masks, else y unchanged."""
+    if isinstance(conv, MaskConv) and conv.mask_granularity == 'channel':
+        return y * binarize(conv.weight_mask, conv.ste).view(1, -1, 1, 1)
+    return y
+
+
+def _check_widths(widths, n, what):
+    if widths is None:
+        return None
+    widths = [int(w) for w in widths]
+    if len(widths) != n or min(widths) < 1:
+        raise ValueError(f"widths for {what} must be {n} positive ints, got {widths}")
+    return widths
+
+
+class VGG(nn.Module):
+    """VGG16-BN for 32x32 images. x (N, 3, 32, 32) -> logits (N, num_classes) (or (N, head_classes))."""
+
+    def __init__(self, num_classes=10, head_classes=None, widths=None, init_weights=True):
+        super().__init__()
+        n_conv = sum(1 for v in VGG16_CFG if v != 'M')
+        widths = _check_widths(widths, n_conv + 3, 'vgg16_bn')
+        if widths is None:
+            widths = [v for v in VGG16_CFG if v != 'M'] + [512, 512, num_classes]
+        layers, c_in, i = [], 3, 0
+        for v in VGG16_CFG:
+            if v == 'M':
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [MaskConv(c_in, widths[i], 3, padding=1), nn.BatchNorm2d(widths[i]), nn.ReLU(inplace=True)]
+                c_in, i = widths[i], i + 1
+        self.features = nn.Sequential(*layers)
+        h1, h2, out = widths[n_conv:]
+        self.classifier = nn.Sequential(
+            MaskLinear(c_in, h1), nn.ReLU(True), nn.Dropout(),
+            MaskLinear(h1, h2), nn.ReLU(True), nn.Dropout(),
+            MaskLinear(h2, out),
+        )
+        if head_classes is not None:
+            self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
+        if init_weights:
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, MaskLinear):
+                    nn.init.normal_(m.weight, 0, 0.01)
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        conv = None
+        for m in self.features:
+            if isinstance(m, MaskConv):
+                conv = m
+            x = m(x)
+            if isinstance(m, nn.BatchNorm2d):
+                x = channel_gate(conv, x)
+        x = self.classifier(torch.flatten(x, 1))
+        if hasattr(self, 'module_head'):
+            x = self.module_head(x)
+        return x
+
+
+class BasicBlock(nn.Module):
+    """x (N, in_planes, H, W) -> (N, out_planes, H/stride, W/stride); ``mid`` is conv1's width."""
+
+    def __init__(self, in_planes, mid, out_planes, stride=1, downsample=False):
+        super().__init__()
+        self.conv1 = MaskConv(in_planes, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = MaskConv(mid, out_planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.Sequential(MaskConv(in_planes, out_planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        out = self.relu(channel_gate(self.conv1, self.bn1(self.conv1(x))))
+        out = channel_gate(self.conv2, self.bn2(self.conv2(out)))
+        if self.downsample is not None:
+            identity = channel_gate(self.downsample[0], self.downsample[1](self.downsample[0](x)))
+        else:
+            identity = x
+        return self.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """ResNet20 for 32x32 images. x (N, 3, 32, 32) -> logits (N, num_classes) (or (N, head_classes))."""
+
+    def __init__(self, num_classes=10, head_classes=None, widths=None):
+        super().__init__()
+        n_mid = 3 * RESNET20_BLOCKS
+        widths = _check_widths(widths, 3 + n_mid + 1, 'resnet20')
+        if widths is None:
+            widths = list(RESNET20_STAGE_WIDTHS) + [w for w in RESNET20_STAGE_WIDTHS for _ in range(RESNET20_BLOCKS)]
+            widths.append(num_classes)
+        streams, mids, out = widths[:3], widths[3:3 + n_mid], widths[-1]
+        self.conv1 = MaskConv(3, streams[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(streams[0])
+        self.relu = nn.ReLU(inplace=True)
+        c_in = streams[0]
+        for s in range(3):
+            blocks = []
+            for b in range(RESNET20_BLOCKS):
+                stride = 2 if (s > 0 and b == 0) else 1
+                # chenyaofo's rule (projection shortcut where stride or width changes) puts one exactly on the
+                # first block of stages 2 and 3; kept structural so pruned widths never change the topology
+                down = s > 0 and b == 0
+                blocks.append(BasicBlock(c_in, mids[s * RESNET20_BLOCKS + b], streams[s], stride, down))
+                c_in = streams[s]
+            setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = MaskLinear(c_in, out)
+        if head_classes is not None:
+            self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.relu(channel_gate(self.conv1, self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.fc(torch.flatten(self.avgpool(x), 1))
+        if hasattr(self, 'module_head'):
+            x = self.module_head(x)
+        return x
+
+
+def vgg16_bn(num_classes=10, head_classes=None, widths=None):
+    return VGG(num_classes=num_classes, head_classes=head_classes, widths=widths)
+
+
+def resnet20(num_classes=10, head_classes=None, widths=None):
+    return CifarResNet(num_classes=num_classes, head_classes=head_classes, widths=widths)
+
+
+# name -> constructor(**kwargs); the pruned variants are the same constructors with ``widths`` (and the module head
+# with ``head_classes``), so ``models.build_model({'family': 'cifar', 'name': ..., 'kwargs': ...})`` rebuilds them.
+MODELS = {
+    'vgg16_bn': vgg16_bn,
+    'resnet20': resnet20,
+}

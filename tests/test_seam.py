@@ -1,0 +1,203 @@
+"""SeaM: model parity with chenyaofo/pytorch-cifar-models, exact extraction, FLOP counts, and reengineer_seam.py runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from layers.mask import MaskConv, MaskLinear, enable_model_masks
+from models import build_model
+from models.cifar import MODELS
+from models.extract import extract_module
+from models.flops import count_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# chenyaofo/pytorch-cifar-models state-dict layout, written out: (module prefix, kind, weight shape).
+# kinds: 'cb' conv with bias, 'c' conv without bias, 'bn' BatchNorm2d (weight, bias, running_mean, running_var,
+# num_batches_tracked), 'l' linear (weight, bias).
+_V = [(0, 64, 3), (3, 64, 64), (7, 128, 64), (10, 128, 128), (14, 256, 128), (17, 256, 256), (20, 256, 256),
+      (24, 512, 256), (27, 512, 512), (30, 512, 512), (34, 512, 512), (37, 512, 512), (40, 512, 512)]
+VGG16_BN_KEYS = ([e for i, o, c in _V for e in ((f'features.{i}', 'cb', (o, c, 3, 3)), (f'features.{i + 1}', 'bn', (o,)))]
+                 + [('classifier.0', 'l', (512, 512)), ('classifier.3', 'l', (512, 512)), ('classifier.6', 'l', (10, 512))])
+RESNET20_KEYS = [('conv1', 'c', (16, 3, 3, 3)), ('bn1', 'bn', (16,))]
+for _s, (_w, _win) in enumerate([(16, 16), (32, 16), (64, 32)], start=1):
+    for _b in range(3):
+        _cin = _win if _b == 0 else _w
+        RESNET20_KEYS += [(f'layer{_s}.{_b}.conv1', 'c', (_w, _cin, 3, 3)), (f'layer{_s}.{_b}.bn1', 'bn', (_w,)),
+                          (f'layer{_s}.{_b}.conv2', 'c', (_w, _w, 3, 3)), (f'layer{_s}.{_b}.bn2', 'bn', (_w,))]
+        if _s > 1 and _b == 0:
+            RESNET20_KEYS += [(f'layer{_s}.0.downsample.0', 'c', (_w, _win, 1, 1)),
+                              (f'layer{_s}.0.downsample.1', 'bn', (_w,))]
+RESNET20_KEYS.append(('fc', 'l', (10, 64)))
+
+
+def _expand(spec):
+    out = {}
+    for prefix, kind, shape in spec:
+        out[prefix + '.weight'] = shape
+        if kind in ('cb', 'l', 'bn'):
+            out[prefix + '.bias'] = shape[:1]
+        if kind == 'bn':
+            out.update({prefix + '.running_mean': shape, prefix + '.running_var': shape,
+                        prefix + '.num_batches_tracked': ()})
+    return out
+
+
+@pytest.mark.parametrize('name,spec,n_params', [('vgg16_bn', VGG16_BN_KEYS, 15_253_578),
+                                                ('resnet20', RESNET20_KEYS, 272_474)])
+def test_state_dict_keys_and_param_counts_match_chenyaofo(name, spec, n_params):
+    model = MODELS[name](num_classes=10)
+    expected = _expand(spec)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(got) == list(expected)
+    assert got == expected
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    # a plain state dict of that layout loads (what --pretrained does with a released checkpoint)
+    plain = {k: torch.randn(s) if s else torch.tensor(0) for k, s in expected.items()}
+    plain = {k: (v.abs() + 0.5 if k.endswith('running_var') else v) for k, v in plain.items()}
+    model.load_state_dict(plain)
+
+
+def _random_masked(name, gran, p_keep, seed):
+    torch.manual_seed(seed)
+    model = MODELS[name](num_classes=10, head_classes=2)
+    for m in model.modules():  # non-trivial BN statistics so dead filters give nonzero constants
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_(1, 0.3)
+            m.bias.data.normal_(0, 0.5)
+    enable_model_masks(model, gran)
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if n.endswith('_mask'):
+                q.copy_(torch.where(torch.rand_like(q) < p_keep, 1.0, -1.0))
+    return model.eval()
+
+
+def _check_extraction(model, name, tol=1e-5):
+    cfg = {'family': 'cifar', 'name': name, 'kwargs': {'num_classes': 10, 'head_classes': 2}}
+    pruned, pcfg = extract_module(model, cfg)
+    rebuilt = build_model(pcfg)  # rebuilt from the config alone
+    rebuilt.load_state_dict(pruned.state_dict())
+    rebuilt.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), rebuilt(x)
+    assert torch.allclose(out, ref, atol=tol, rtol=0), (out - ref).abs().max()
+    assert not any('mask' in k for k in rebuilt.state_dict())
+    return pcfg['kwargs']['widths']
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'vgg16_bn'])
+def test_extraction_equals_masked_model_channel_masks(name):
+    widths = _check_extraction(_random_masked(name, 'channel', 0.4, 0), name)
+    full = MODELS[name](num_classes=10).state_dict()
+    assert sum(widths) < 0.6 * (sum(v.shape[0] for k, v in full.items() if k.endswith('running_mean')) + 10 + 1024 *
+                                (name == 'vgg16_bn'))
+
+
+def test_extraction_equals_masked_model_weight_masks_resnet():
+    _check_extraction(_random_masked('resnet20', 'weight', 0.1, 1), 'resnet20')
+
+
+def test_extraction_handles_dead_filters_with_constant_outputs_vgg():
+    model = _random_masked('vgg16_bn', 'weight', 1.0, 2)  # everything kept, then kill chosen filters by hand
+    with torch.no_grad():
+        f = model.features
+        f[0].weight_mask[:5] = -1           # conv0 filters 0..4: weights gone, bias kept -> BN constant (kept)
+        f[0].bias[:5] = 0.3
+        f[0].bias_mask[:2] = -1             # filters 0, 1 output exactly BN(0) = beta (running mean 0, gamma 1)
+        f[1].running_mean[:5], f[1].weight[:5] = 0.0, 1.0
+        f[1].bias[:5] = torch.tensor([-5.0, 1.0, 1.0, 1.0, 1.0])  # filter 0: ReLU(-5) = 0 -> removed; 1..4 kept
+        f[40].weight_mask[:300] = -1        # last conv: constant channels fold into classifier.0's bias
+        model.classifier[0].weight_mask[:100] = -1  # constant neurons fold into classifier.3
+        model.classifier[6].weight_mask[3:] = -1    # constant outputs fold into the module head
+        model.classifier[3].weight_mask[:, 400:] = -1  # neurons 400.. of classifier.0 are unused -> removed
+    widths = _check_extraction(model, 'vgg16_bn')
+    assert widths[0] == 63 and widths[12] == 212 and widths[13] == 300 and widths[14] == 512 and widths[15] == 3
+
+
+def test_flops_hand_checked_small_network():
+    net = nn.Sequential(MaskConv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), MaskLinear(256, 5))
+    x = torch.randn(1, 3, 8, 8)
+    # conv: 2 * (4*3*3*3) * 64 px + 4 bias * 64 px = 14080; BN: 2 * 4*64 = 512; linear: 2 * 256*5 + 5 = 2565
+    assert count_flops(net, x)['total'] == 14080 + 512 + 2565
+    assert count_flops(net, torch.randn(2, 3, 8, 8))['total'] == 2 * (14080 + 512 + 2565)
+    enable_model_masks(net)
+    with torch.no_grad():
+        net[0].weight_mask[:, :, 0] = -1   # 4*3*1*3 = 36 of 108 conv weights dropped
+        net[0].bias_mask[0] = -1
+        net[4].weight_mask[:2] = -1        # 512 of 1280 linear weights dropped
+    # conv: 2*72*64 + 3*64 = 9408; BN 512; linear: 2*768 + 5 = 1541
+    assert count_flops(net, x, nonzero_only=True)['total'] == 9408 + 512 + 1541
+    # a layer with masks enabled is always counted by its kept weights (SeaM's convention)
+    assert count_flops(net, x)['total'] == 9408 + 512 + 1541
+
+
+# ----------------------------------------------------------------------------------------------- script runs
+def _run(*argv, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, 'reengineer_seam.py', *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope='module')
+def base_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('seam')
+    r = _run('--model', 'resnet20', '--img-size', '8', '--train-base', '--base-epochs', '3', '--threads', '1',
+             '--output', str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / '001' / 'base.pt', out
+
+
+@pytest.mark.parametrize('task', [['--task', 'binary', '--target-class', '0'],
+                                  ['--task', 'multiclass', '--n-classes', '3', '--seed', '1']])
+def test_tiny_reengineering_lowers_weight_ratio_and_keeps_accuracy(base_ckpt, task):
+    base, out = base_ckpt
+    r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), *task, '--epochs', '10',
+             '--batch-size', '16', '--threads', '1', '--latency-iters', '2', '--output', str(out / task[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = out / task[1] / '001'
+    rep = json.loads((run / 'report.json').read_text())
+    assert rep['selected']['reached_bar']
+    assert rep['weight_retention'] < 0.95
+    assert rep['module_acc_test'] >= rep['original_acc_test'] - 0.05
+    assert rep['extracted_max_abs_diff'] < 1e-5
+    assert rep['flops_masked_nonzero'] < rep['flops_original']
+    assert (run / 'log.jsonl').exists() and any(p.name.startswith('events.out') for p in run.iterdir())
+    # the module checkpoint is plain (weights_only) and rebuilds from its config; it equals the masked model
+    mod = torch.load(run / 'module.pt', weights_only=True)
+    masks = torch.load(run / 'masks.pt', weights_only=True)
+    assert (mod['kind'], masks['kind']) == ('seam_module', 'seam_masks')
+    module, masked = build_model(mod['model']), build_model(masks['model'])
+    module.load_state_dict(mod['state_dict'])
+    masked.load_state_dict(masks['state_dict'])
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(module.eval()(x), masked.eval()(x), atol=1e-5)
+
+
+BAD_INPUTS = [
+    (['--task', 'binary', '--target-class', '10'], '--target-class'),
+    (['--model', 'vgg16_bn', '--task', 'binary', '--target-class', '1'], 'resnet20'),
+    (['--dataset', 'cifar100', '--task', 'multiclass', '--superclass', '20'], '--superclass'),
+]
+
+
+def test_bad_input_one_line_exit_2(base_ckpt):
+    base, out = base_ckpt
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, 'reengineer_seam.py', '--pretrained', str(base), '--output',
+                               str(out / 'bad'), *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for argv, _ in BAD_INPUTS]  # started together: 3 torch imports
+    for (argv, needle), proc in zip(BAD_INPUTS, procs):
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 2, (argv, proc.returncode, err[-2000:])
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], err
