@@ -54,9 +54,7 @@ def kernel_available(device=None):
         _register()
     except Exception as e:
         return False, str(e)
-    if device is not None and torch.device(device).type == "cuda":
-        return build.load_cuda()
-    return True, ""
+    return monarch_ops.kernel_available(device)  # same extension: its CUDA check is the butterfly's too
 
 
 def butterfly_multiply(twiddle, x, increasing_stride=True):
