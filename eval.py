@@ -29,7 +29,6 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -144,12 +143,10 @@ def eval_dataset(e, args):
                             num_classes=n if args.dataset == 'synthetic' else None, return_index=True)
     if e['task'] is None:
         return ds
-    t, classes = np.asarray(ds.targets), e['classes']
-    if e['task'] == 'binary':  # reengineer_seam.py's draw: target images + the same number of seeded negatives
-        pos = np.flatnonzero(t == classes[0])
-        neg = np.random.default_rng(e['seed']).permutation(np.flatnonzero(t != classes[0]))[:len(pos)]
-        return TaskView(ds, np.concatenate([pos, neg]), {c: int(c != classes[0]) for c in range(n)})
-    return TaskView(ds, np.flatnonzero(np.isin(t, classes)), {c: i for i, c in enumerate(classes)})
+    # the same draw as reengineer_seam.py: data.task_indices
+    idx, lmap = data.task_indices(ds.targets, 'binary' if e['task'] == 'binary' else 'multiclass', e['classes'], n,
+                                  e['seed'])
+    return TaskView(ds, idx, lmap)
 
 
 # ------------------------------------------------------------------------------------------------ measuring

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from common import (PROJECT, Logger, UserError, load_checkpoint, make_run_dir, run_main, save_checkpoint,
                     seed_everything)
-from data import build_dataset, build_loader, dataset_info, set_epoch
+from data import build_dataset, build_loader, dataset_info, set_epoch, task_indices
 from layers.mask import kept_counts, masked_layers, weight_ratio
 from models import build_model
 from models.extract import extract_module
@@ -156,14 +156,9 @@ def main():
         return build_loader(ds, args.batch_size, shuffle=shuffle, seed=args.seed)
 
     def task_subset(ds, remap):
-        t = np.asarray(ds.targets)
-        if args.task == 'binary':  # SeaM: the target class + as many negatives from the other classes, seeded
-            pos = np.flatnonzero(t == classes[0])
-            neg = np.random.default_rng(args.seed).permutation(np.flatnonzero(t != classes[0]))[:len(pos)]
-            lmap = {c: (0 if c == classes[0] else 1) for c in range(nc)}
-            return TaskSubset(ds, np.concatenate([pos, neg]), lmap if remap else None)
-        lmap = {c: i for i, c in enumerate(classes)}
-        return TaskSubset(ds, np.flatnonzero(np.isin(t, classes)), lmap if remap else None)
+        kind = 'binary' if args.task == 'binary' else 'multiclass'  # defect tasks use a class subset
+        idx, lmap = task_indices(ds.targets, kind, classes, nc, args.seed)
+        return TaskSubset(ds, idx, lmap if remap else None)
 
     @torch.no_grad()
     def evaluate(model, dl, original=False):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ['DataError', 'build_dataset', 'dataset_info', 'build_loader', 'set_epoch', 'ExactDistributedSampler',
+__all__ = ['DataError', 'build_dataset', 'task_indices', 'dataset_info', 'build_loader', 'set_epoch', 'ExactDistributedSampler',
            'load_real_labels', 'real_labels_for', 'real_correct', 'NAMES', 'SPLITS']
 
 NAMES = ('digits', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
@@ -281,6 +281,21 @@ def build_dataset(name, split, data_dir=None, img_size=32, augment=False, seed=0
         ds = SyntheticDataset(split, img_size, seed, n_cls, n)
     ds.return_index = bool(return_index)
     return ds
+
+
+def task_indices(targets, task, classes, num_classes, seed):
+    """A SeaM sub-task of a dataset: (indices into it, {original label: task label}).
+
+    binary: every image of ``classes[0]`` plus as many negatives drawn (seeded) from the other classes, labelled
+    0 = target, 1 = other (SeaM's construction); multiclass: every image of ``classes``, labelled by position.
+    reengineer_seam.py (training) and eval.py (scoring) both draw the subset here, so they always agree.
+    """
+    t = np.asarray(targets)
+    if task == 'binary':
+        pos = np.flatnonzero(t == classes[0])
+        neg = np.random.default_rng(seed).permutation(np.flatnonzero(t != classes[0]))[:len(pos)]
+        return np.concatenate([pos, neg]), {c: int(c != classes[0]) for c in range(num_classes)}
+    return np.flatnonzero(np.isin(t, classes)), {c: i for i, c in enumerate(classes)}
 
 
 class ExactDistributedSampler(Sampler):
