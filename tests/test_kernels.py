@@ -7,6 +7,7 @@ the fallback when the build fails, and a smoke run of bench_kernels.py.
 The first run builds the CPU extension (~30 s) and the CUDA one (a few minutes) into
 ~/.cache/monarch_seam_ext (or $MONARCH_SEAM_EXT_DIR); later runs reuse them.
 """
+import json
 import math
 import os
 import shutil
@@ -74,23 +75,81 @@ def check_close(got, want, tol):
         assert err <= tol * scale, f"{name}: max abs err {err:.3e} vs scale {scale:.3e}"
 
 
+# Leading batch dims: 300 rows span several 128-row tiles of the packed-GEMM engine plus a ragged one;
+# 5 rows take the op's small-batch path (ATen bmm, below 64 rows). Both are flattened by the wrapper.
+BATCHES = [(3, 100), (5,)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "B" + "x".join(map(str, b)))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_monarch_cpu_matches_reference(ops, shape, dtype):
+def test_monarch_cpu_matches_reference(ops, shape, batch, dtype):
     monarch_ops, _ = ops
     k, q, p, l, s, r = shape
     gen = torch.Generator().manual_seed(sum(shape))
     w1, w2 = factors(*shape, dtype, gen=gen)
-    # B = 300 spans several 128-row tiles plus a ragged one; leading dims are flattened.
-    x = torch.randn(3, 100, k * p, dtype=dtype, generator=gen)
-    grad = torch.randn(3, 100, l * s, dtype=dtype, generator=gen)
+    x = torch.randn(*batch, k * p, dtype=dtype, generator=gen)
+    grad = torch.randn(*batch, l * s, dtype=dtype, generator=gen)
     outs = []
     for fn in (monarch_ops.monarch_multiply, monarch_multiply_ref):
         xs, a, b = (t.clone().requires_grad_() for t in (x, w1, w2))
         y = fn(xs, a, b)
         outs.append((y,) + torch.autograd.grad(y, (xs, a, b), grad))
-    assert outs[0][0].shape == (3, 100, l * s)
+    assert outs[0][0].shape == (*batch, l * s)
     check_close(outs[0], outs[1], 2e-5 if dtype == torch.float32 else 1e-12)
+
+
+# The same comparison in a fresh process for every register kernel this CPU can run (the ISA is chosen
+# once per process) and with the small-batch threshold moved so that each path sees the other's sizes.
+PATHS_SCRIPT = """
+import json, math, torch
+from cuda import monarch_ops
+from layers.monarch import monarch_multiply_ref
+assert monarch_ops.kernel_available()[0]
+worst = 0.0
+for (k, q, p, l, s, r) in [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 40, 2, 64, 96),
+                           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20)]:
+    for rows in (1, 7, 70, 300):
+        for dt in (torch.float32, torch.float64):
+            g = torch.Generator().manual_seed(rows + k)
+            w1 = torch.randn(k, q, p, dtype=dt, generator=g) / math.sqrt(p)
+            w2 = torch.randn(l, s, r, dtype=dt, generator=g) / math.sqrt(r)
+            x = torch.randn(rows, k * p, dtype=dt, generator=g)
+            gr = torch.randn(rows, l * s, dtype=dt, generator=g)
+            res = []
+            for fn in (monarch_ops.monarch_multiply, monarch_multiply_ref):
+                args = [t.clone().requires_grad_() for t in (x, w1, w2)]
+                y = fn(*args)
+                res.append([y] + list(torch.autograd.grad(y, args, gr)))
+            for a, b in zip(*res):
+                worst = max(worst, ((a - b).abs().max() / (b.abs().max() + 1e-30)).item() / (2e-5 if dt == torch.float32 else 1e-12))
+print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst}))
+"""
+
+
+def _supported_isas():
+    isa = torch.ops.monarch_seam.cpu_isa()
+    return {"avx512": ["avx512", "avx2", "base"], "avx2": ["avx2", "base"], "base": ["base"]}[isa]
+
+
+@pytest.mark.parametrize("isa,small_batch", [("avx512", "64"), ("avx2", "1"), ("base", "1"), ("avx512", "100000")])
+def test_monarch_cpu_paths_in_fresh_process(ops, isa, small_batch):
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} register kernel")
+    env = dict(os.environ, MONARCH_SEAM_CPU_ISA=isa, MONARCH_SEAM_CPU_SMALL_BATCH=small_batch, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", PATHS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["isa"] == isa
+    assert out["worst"] <= 1.0, out  # every error within its dtype tolerance (2e-5 / 1e-12 of the scale)
+
+
+def test_monarch_cpu_isa_override_rejects_bad_value():
+    env = dict(os.environ, MONARCH_SEAM_CPU_ISA="sse9")
+    code = "from cuda import monarch_ops; monarch_ops.kernel_available(); import torch; torch.ops.monarch_seam.cpu_isa()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "MONARCH_SEAM_CPU_ISA must be avx512, avx2 or base" in res.stderr
 
 
 def test_monarch_matches_dense_matrix(ops):
@@ -128,13 +187,14 @@ def test_monarch_bf16_cpu(ops):
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
 
 
-def test_monarch_gradcheck(ops):
+@pytest.mark.parametrize("rows", [6, 66])  # the small-batch path and the packed-GEMM engine
+def test_monarch_gradcheck(ops, rows):
     monarch_ops, _ = ops
     torch.manual_seed(3)
     for shape in [(3, 4, 2, 2, 3, 6), (2, 3, 2, 3, 2, 2)]:
         k, q, p, l, s, r = shape
         w1, w2 = factors(*shape, torch.float64)
-        x = torch.randn(2, 3, k * p, dtype=torch.float64)
+        x = torch.randn(2, rows // 2, k * p, dtype=torch.float64)
         args = [t.requires_grad_() for t in (x, w1, w2)]
         assert torch.autograd.gradcheck(monarch_ops.monarch_multiply, args)
 
@@ -157,11 +217,12 @@ def test_unsupported_device_signals_not_implemented(ops):
                                          torch.empty(3, 1, 4, device="meta"))
 
 
-def test_opcheck(ops):
+@pytest.mark.parametrize("rows", [5, 70])
+def test_opcheck(ops, rows):
     torch.manual_seed(4)
     w1, w2 = factors(3, 4, 2, 2, 3, 6, torch.float64)
-    x = torch.randn(5, 6, dtype=torch.float64)
-    g = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(rows, 6, dtype=torch.float64)
+    g = torch.randn(rows, 6, dtype=torch.float64)
     _, h = torch.ops.monarch_seam.monarch_fwd_h(x, w1, w2)
     req = [t.clone().requires_grad_() for t in (x, w1, w2)]
     opcheck(torch.ops.monarch_seam.monarch_fwd.default, tuple(req))
