@@ -13,7 +13,9 @@ achieved GFLOP/s, speedup over dense, the FLOP ratio dense/Monarch and speedup /
 
 A case is TOKENSxINxOUTxNBLOCKS. FLOPs come from MonarchLinear.flops / Butterfly.flops (no bias) and
 2*tokens*in*out for dense; forward+backward counts 3x the forward FLOPs. If the kernel cannot be built
-the script says why and benchmarks the rest.
+the script says why and benchmarks the rest. On CPU a forward-only `dense_onednn` row gives context:
+the same dense product through oneDNN, which uses AVX-512 where MKL (behind F.linear) may not (on AMD
+CPUs MKL runs its AVX2 path); compare GFLOP/s columns to separate "better GEMM" from "fewer FLOPs".
 """
 import argparse
 import json
@@ -42,6 +44,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def cpu_name():
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse_case(text):
@@ -85,6 +99,12 @@ def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
         return fwd, fwdbwd
 
     runners = {"dense": pair(lambda: F.linear(x, w), (x, w), gd) + (2 * tokens * fin * fout,)}
+    if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        # Context row, forward only: the same dense product through oneDNN (its own packed layout, made
+        # once outside the timing). F.linear runs MKL, which takes its AVX2 code path on AMD CPUs.
+        xo, wo = x.detach().to_mkldnn(), w.detach().to_mkldnn()
+        runners["dense_onednn"] = (lambda: torch._C._nn.mkldnn_linear(xo, wo, None), None,
+                                   2 * tokens * fin * fout)
     mflops = mon.flops(tokens)
     runners["monarch_ref"] = pair(lambda: monarch_multiply_ref(xm, w1, w2), (xm, w1, w2), gm) + (mflops,)
     if kernel_ok:
@@ -138,9 +158,10 @@ def main():
                   "benchmarking dense, reference and butterfly only")
         dts = ["float32"] if device == "cpu" else (args.dtypes or ["float32", "bfloat16", "float16"])
         dev_cases = cases + (CUDA_EXTRA if device == "cuda" and not args.cases and not args.quick else [])
-        name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+        name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+        isa = f", kernel ISA {torch.ops.monarch_seam.cpu_isa()}" if kernel_ok and device == "cpu" else ""
         print(f"\n== {device}: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-              f"threads {torch.get_num_threads()}")
+              f"threads {torch.get_num_threads()}{isa}")
         hdr = (f"{'tokens':>6} {'in':>5} {'out':>5} {'nb':>3} {'dtype':>8} {'mode':>7} {'method':>16} "
                f"{'ms':>9} {'GFLOP/s':>8} {'speedup':>8} {'ratio':>6} {'spd/ratio':>9} {'vs_ref':>7}")
         print(hdr)
@@ -149,7 +170,8 @@ def main():
             for dt in dts:
                 runners = make_runners(case, DTYPES[dt], device, kernel_ok, bfly_ok, monarch_ops)
                 for mode, idx, mult in (("fwd", 0, 1), ("fwd+bwd", 1, 3)):
-                    times = {m: time_ms(r[idx], min_time, args.cpu_time) for m, r in runners.items()}
+                    times = {m: time_ms(r[idx], min_time, args.cpu_time) for m, r in runners.items()
+                             if r[idx] is not None}
                     for method, ms in times.items():
                         flops = runners[method][2] * mult
                         dense_flops = runners["dense"][2] * mult
@@ -165,9 +187,10 @@ def main():
                               f"{ms:>9.3f} {row['gflops']:>8.1f} {speedup:>8.2f} {ratio:>6.2f} "
                               f"{speedup / ratio:>9.2f} {vs_ref:>7.2f}", flush=True)
 
+    isa = torch.ops.monarch_seam.cpu_isa() if hasattr(torch.ops.monarch_seam, "cpu_isa") else None
     meta = dict(timer="process_time" if args.cpu_time else "wall", torch=torch.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cuda=torch.version.cuda, python=platform.python_version(), cpu=cpu_name(), cpu_kernel_isa=isa,
+                threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv))
     if args.json:

@@ -627,41 +627,45 @@ std::tuple<at::Tensor, at::Tensor> butterfly_bwd_cpu(const at::Tensor& g_, const
     const T* X = x.data_ptr<T>();
     const T* G = g.data_ptr<T>();
     T* DX = dx.data_ptr<T>();
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-    std::vector<T> acc((size_t)(nth * tw.numel()), T(0));
-    at::parallel_for(0, rows, (rows + nth - 1) / nth, [&](int64_t r0, int64_t r1) {
-      T* A = acc.data() + std::min<int64_t>(at::get_thread_num(), nth - 1) * tw.numel();
+    // rows in nch contiguous chunks, one twiddle-gradient accumulator each (no thread-id bookkeeping)
+    const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+    const int64_t per_ch = (rows + nch - 1) / nch;
+    std::vector<T> acc((size_t)(nch * tw.numel()), T(0));
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> acts((nf + 1) * d.n), gb(d.n), gn(d.n);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t stk = row % d.nstacks;
-        std::copy_n(X + row * d.n, d.n, acts.data());
-        for (int64_t f = 0; f < nf; ++f)
-          bfly_apply(d, TW + stk * tstack + f * d.n * 2, acts.data() + f * d.n,
-                     acts.data() + (f + 1) * d.n, bstride(d, f, inc));
-        std::copy_n(G + row * d.n, d.n, gb.data());
-        for (int64_t f = nf - 1; f >= 0; --f) {
-          const int64_t st = bstride(d, f, inc);
-          const T* t = TW + stk * tstack + f * d.n * 2;
-          T* dt = A + stk * tstack + f * d.n * 2;
-          const T* in = acts.data() + f * d.n;
-          for (int64_t j = 0; j < d.n / 2; ++j) {
-            const int64_t i0 = (j / st) * 2 * st + j % st, i1 = i0 + st;
-            const T g0 = gb[i0], g1 = gb[i1], a = in[i0], b = in[i1];
-            dt[4 * j + 0] += g0 * a;
-            dt[4 * j + 1] += g0 * b;
-            dt[4 * j + 2] += g1 * a;
-            dt[4 * j + 3] += g1 * b;
-            gn[i0] = t[4 * j + 0] * g0 + t[4 * j + 2] * g1;
-            gn[i1] = t[4 * j + 1] * g0 + t[4 * j + 3] * g1;
+      for (int64_t c = c0; c < c1; ++c) {
+        T* A = acc.data() + c * tw.numel();
+        for (int64_t row = c * per_ch; row < std::min(rows, (c + 1) * per_ch); ++row) {
+          const int64_t stk = row % d.nstacks;
+          std::copy_n(X + row * d.n, d.n, acts.data());
+          for (int64_t f = 0; f < nf; ++f)
+            bfly_apply(d, TW + stk * tstack + f * d.n * 2, acts.data() + f * d.n,
+                       acts.data() + (f + 1) * d.n, bstride(d, f, inc));
+          std::copy_n(G + row * d.n, d.n, gb.data());
+          for (int64_t f = nf - 1; f >= 0; --f) {
+            const int64_t st = bstride(d, f, inc);
+            const T* t = TW + stk * tstack + f * d.n * 2;
+            T* dt = A + stk * tstack + f * d.n * 2;
+            const T* in = acts.data() + f * d.n;
+            for (int64_t j = 0; j < d.n / 2; ++j) {
+              const int64_t i0 = (j / st) * 2 * st + j % st, i1 = i0 + st;
+              const T g0 = gb[i0], g1 = gb[i1], a = in[i0], b = in[i1];
+              dt[4 * j + 0] += g0 * a;
+              dt[4 * j + 1] += g0 * b;
+              dt[4 * j + 2] += g1 * a;
+              dt[4 * j + 3] += g1 * b;
+              gn[i0] = t[4 * j + 0] * g0 + t[4 * j + 2] * g1;
+              gn[i1] = t[4 * j + 1] * g0 + t[4 * j + 3] * g1;
+            }
+            std::swap(gb, gn);
           }
-          std::swap(gb, gn);
+          std::copy(gb.begin(), gb.end(), DX + row * d.n);
         }
-        std::copy(gb.begin(), gb.end(), DX + row * d.n);
       }
     });
     T* D = dtw.data_ptr<T>();
-    for (int64_t th = 0; th < nth; ++th)
-      for (int64_t i = 0; i < tw.numel(); ++i) D[i] += acc[th * tw.numel() + i];
+    for (int64_t c = 0; c < nch; ++c)
+      for (int64_t i = 0; i < tw.numel(); ++i) D[i] += acc[c * tw.numel() + i];
   });
   return {dtw, dx};
 }
