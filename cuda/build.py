@@ -2,6 +2,7 @@
 
 Two separate `torch.utils.cpp_extension.load` targets:
   * `monarch_seam_cpu`  <- cuda/monarch.cpp (op schemas + CPU kernels; never needs nvcc)
+    (both include cuda/monarch_plan.h, the CUDA op's GEMM plan)
   * `monarch_seam_cuda` <- cuda/monarch_cuda.cu + cuda/butterfly_cuda.cu (CUDA kernels),
     built only when a CUDA toolkit is found and torch has CUDA.
 Each goes into `$MONARCH_SEAM_EXT_DIR/<hash>` or `~/.cache/monarch_seam_ext/<hash>`, where the
@@ -27,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CPU_SOURCES = [HERE / "monarch.cpp"]
 CUDA_SOURCES = [HERE / "monarch_cuda.cu", HERE / "butterfly_cuda.cu"]
+HEADERS = [HERE / "monarch_plan.h"]  # included by both; part of every build hash
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3"]
@@ -65,7 +67,7 @@ def find_cuda_home():
 
 def _hash(sources, flags):
     h = hashlib.sha256()
-    for s in sources:
+    for s in list(sources) + HEADERS:
         h.update(s.name.encode())
         h.update(s.read_bytes())
     h.update(torch.__version__.encode())

@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "monarch_plan.h"
+
 namespace monarch_seam {
 namespace {
 
@@ -553,6 +555,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cpu(const at::Tensor&
 
 std::string cpu_isa() { return kIsaNames[isa()]; }
 
+// The CUDA op's GEMM plan (cuda/monarch_plan.h) for dims [B, K, P, Q, L, S, R], flattened as 19 ints per
+// GEMM (a, b, c, batch, M, N, Kd, A view, B view, C map) for stage 1, stage 2 and the four backward
+// GEMMs: lets a CPU test execute the CUDA launch plan by emulation.
+std::vector<int64_t> cuda_plan(std::vector<int64_t> dims) {
+  TORCH_CHECK(dims.size() == 7, "_cuda_plan: dims must be [B, K, P, Q, L, S, R]");
+  const plan::Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  plan::Gemm g[6];
+  g[0] = plan::stage1(d);
+  g[1] = plan::stage2(d);
+  plan::backward(d, g + 2);
+  std::vector<int64_t> out;
+  for (const auto& e : g)
+    for (int64_t v : {int64_t(e.a), int64_t(e.b), int64_t(e.c), e.batch, e.M, e.N, e.Kd, e.av.bs, e.av.rs, e.av.cs,
+                      e.bv.bs, e.bv.rs, e.bv.cs, e.cv.bs, e.cv.rs, e.cv.cs, e.cv.pq, e.cv.pl, e.cv.plane})
+      out.push_back(v);
+  return out;
+}
+
 // ---------------------------------------------------------------- butterfly
 struct BDims {
   int64_t batch, nstacks, nblocks, log_n, n;
@@ -681,6 +701,8 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("butterfly_bwd(Tensor grad, Tensor twiddle, Tensor x, bool increasing_stride) -> (Tensor, Tensor)");
   // which register kernel the CPU ops use: "avx512", "avx2" or "base"
   m.def("cpu_isa() -> str", &cpu_isa);
+  // the CUDA GEMM plan, for a CPU emulation test (see cuda/monarch_plan.h)
+  m.def("_cuda_plan(int[] dims) -> int[]", &cuda_plan);
 }
 
 TORCH_LIBRARY_IMPL(monarch_seam, CPU, m) {
