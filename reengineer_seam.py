@@ -69,11 +69,15 @@ p.add_argument('--classes', default=None, help='comma-separated class ids, e.g. 
 p.add_argument('--n-classes', type=int, default=None, help='random class subset of this size (with --seed)')
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--epochs', type=int, default=100, help='re-engineering epochs (SeaM: 300)')
-p.add_argument('--lr-head', type=float, default=0.1)
+p.add_argument('--lr-head', type=float, default=None,
+               help='default: 0.1 (SeaM); 0.01 on digits, where 0.1 lets the head push the training loss to an '
+                    'exact 0 and the masks then collapse (measured in BENCHMARKS.md)')
 p.add_argument('--lr-mask', type=float, default=None, help='default: SeaM README value for the model/dataset')
 p.add_argument('--alpha', type=float, default=None, help='default: SeaM README value for the model/dataset')
 p.add_argument('--early-stop', type=int, default=-1, help='stop after N epochs below the accuracy bar (-1: never)')
-p.add_argument('--mask-granularity', default='weight', choices=['weight', 'channel'])
+p.add_argument('--mask-granularity', default='weight', choices=['weight', 'channel', 'weight+channel'],
+               help="weight: SeaM's masks (default); channel: one gate per filter/neuron (removable); "
+                    'weight+channel: both (per-weight sparsity inside removable channels)')
 p.add_argument('--batch-size', type=int, default=64)
 p.add_argument('--ft-epochs', type=int, default=20, help='defect task: fine-tuning epochs')
 p.add_argument('--pgd-samples', type=int, default=256, help='defect task: test images attacked')
@@ -103,6 +107,8 @@ class TaskSubset(torch.utils.data.Dataset):
 
 def main():
     args = p.parse_args()
+    if args.lr_head is None:
+        args.lr_head = 0.01 if args.dataset == 'digits' else 0.1
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -218,7 +224,8 @@ def main():
 
     def reengineer(model, head, acc_bar, tag):
         """SeaM's search: returns the selected epoch's record; model holds the selected masks + head."""
-        masks = [q for _, m in masked_layers(model) for n, q in m.named_parameters() if n.endswith('_mask')]
+        masks = list({id(q): q for _, m in masked_layers(model) for n, q in m.named_parameters()
+                      if n.endswith('_mask')}.values())  # tied stream gates appear once
         for q in model.parameters():
             q.requires_grad_(False)
         for q in masks + list(head.parameters()):
@@ -280,6 +287,8 @@ def main():
     assert not unexpected and all(m.startswith('module_head') for m in missing), (missing, unexpected)
     for _, m in [(n, m) for n, m in model.named_modules() if hasattr(m, 'enable_masks')]:
         m.enable_masks(args.mask_granularity)
+    if args.mask_granularity != 'weight' and hasattr(model, 'tie_stream_masks'):
+        model.tie_stream_masks()  # one gate per residual-stream channel and stage, so stream channels can go
     print(f'task {args.task} classes {classes}: original model val acc {orig_val:.2%}, test acc {orig_test:.2%}; '
           f'lr_mask {lr_mask} alpha {alpha}', flush=True)
     t0 = time.time()
@@ -305,6 +314,7 @@ def main():
     lat = {f'{name}_b{bs}_ms': latency(net, bs, args.img_size, args.latency_iters)
            for name, net in (('original', base), ('extracted', module)) for bs in (1, 64)}
     report = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, lr_mask=lr_mask,
+                  lr_head=args.lr_head,
                   alpha=alpha, mask_granularity=args.mask_granularity, selected=sel, minutes=minutes,
                   weight_retention=kept / total, kept_weights=kept, maskable_weights=total,
                   original_acc_val=orig_val, original_acc_test=orig_test, module_acc_test=module_test,
@@ -397,6 +407,8 @@ def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate
     for n, m in step1.named_modules():
         if hasattr(m, 'enable_masks') and n != last:
             m.enable_masks(args.mask_granularity)
+    if args.mask_granularity != 'weight' and hasattr(step1, 'tie_stream_masks'):
+        step1.tie_stream_masks()
     sel = reengineer(step1, out_layer(step1), evaluate(step1, val_dl), 'seam_step2')
     kept, total = kept_counts(step1)
     masked = {}

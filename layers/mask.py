@@ -14,8 +14,9 @@ Usage::
     loss = task_loss + alpha * weight_ratio(model)
     plain_model = bake_masks(model)             # deep copy with nn.Conv2d / nn.Linear, masks multiplied in
 
-Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry) or ``'channel'`` (one score per output
-filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically).
+Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry), ``'channel'`` (one score per output
+filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically),
+or ``'weight+channel'`` (both: SeaM's per-weight masks inside channels that a per-channel gate can switch off whole).
 """
 import copy
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 __all__ = ['MaskLinear', 'MaskConv', 'binarize', 'weight_ratio', 'kept_counts', 'bake_masks', 'enable_model_masks',
            'masked_layers']
 
-GRANULARITIES = ('weight', 'channel')
+GRANULARITIES = ('weight', 'channel', 'weight+channel')
 STES = ('seam', 'hardtanh')
 
 
@@ -78,6 +79,7 @@ class _MaskMixin:
     def _init_mask_state(self):
         self.weight_mask = None
         self.bias_mask = None
+        self.channel_mask = None
         self.mask_granularity = None  # None: masks disabled, the layer is exactly its torch parent
         self.ste = 'seam'
 
@@ -85,11 +87,16 @@ class _MaskMixin:
     def masks_enabled(self):
         return self.weight_mask is not None
 
-    def _mask_shape(self, granularity):
-        if granularity == 'weight':
-            return tuple(self.weight.shape)
+    def _gate_shape(self):
         # one score per output filter/neuron, broadcast over the rest of its weight row
         return (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+
+    def gate_scores(self):
+        """The per-output-channel score tensor (out, 1, ...) of a channel gate, or None at 'weight' granularity.
+        A channel whose score is <= 0 outputs exactly 0 (weights and bias entry both gated)."""
+        if self.mask_granularity == 'channel':
+            return self.weight_mask
+        return self.channel_mask
 
     def enable_masks(self, granularity='weight', ste='seam'):
         """Add mask parameters initialised to 1 (everything kept) and freeze ``weight`` / ``bias``.
@@ -97,6 +104,8 @@ class _MaskMixin:
         granularity='weight': ``weight_mask`` has the weight's shape, ``bias_mask`` the bias's shape (SeaM).
         granularity='channel': ``weight_mask`` is (out, 1, 1, 1) for a conv, (out, 1) for a linear layer, and also
         gates the bias entry of its channel (``bias_mask`` stays None), so a dropped channel outputs exactly 0.
+        granularity='weight+channel': the 'weight' masks plus ``channel_mask`` of the channel shape, which gates
+        whole rows (and their bias entries) on top of the per-weight masks.
         Calling it again with the same settings keeps the existing masks.
         """
         if granularity not in GRANULARITIES:
@@ -110,9 +119,12 @@ class _MaskMixin:
             self.ste = ste
             return self
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.weight_mask = nn.Parameter(torch.ones(self._mask_shape(granularity), **kw))
-        if self.bias is not None and granularity == 'weight':
+        per_weight = granularity != 'channel'
+        self.weight_mask = nn.Parameter(torch.ones(self.weight.shape if per_weight else self._gate_shape(), **kw))
+        if self.bias is not None and per_weight:
             self.bias_mask = nn.Parameter(torch.ones(self.bias.shape, **kw))
+        if granularity == 'weight+channel':
+            self.channel_mask = nn.Parameter(torch.ones(self._gate_shape(), **kw))
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -125,31 +137,34 @@ class _MaskMixin:
         if not self.masks_enabled:
             return self.weight, self.bias
         wm = binarize(self.weight_mask, self.ste)
-        weight = self.weight * wm
+        gate = binarize(self.channel_mask, self.ste) if self.channel_mask is not None else None
+        weight = self.weight * (wm if gate is None else wm * gate)
         bias = self.bias
         if bias is not None:
             bm = binarize(self.bias_mask, self.ste) if self.bias_mask is not None else wm.reshape(-1)
-            bias = bias * bm
+            bias = bias * (bm if gate is None else bm * gate.reshape(-1))
         return weight, bias
 
     def mask_counts(self, differentiable=False):
         """(kept, total) elements of weight + bias under the current masks (total counts the masked tensors).
 
         In channel mode each channel score stands for its whole weight row plus its bias entry, so the counts are
-        in weight elements at both granularities. With differentiable=True ``kept`` is a tensor with an STE path.
+        in weight elements at every granularity; with 'weight+channel' a weight is kept when its own mask and its
+        channel's gate are both on. With differentiable=True ``kept`` is a tensor with an STE path.
         """
         if not self.masks_enabled:
             raise ValueError("mask_counts: masks are not enabled on this layer (call enable_masks() first)")
         wm = binarize(self.weight_mask, self.ste)
-        per_score = self.weight.numel() // self.weight_mask.numel()
-        total = self.weight.numel()
-        if self.bias is not None and self.bias_mask is None:  # channel mode: the score also gates its bias entry
-            per_score += 1
-            total += self.bias.numel()
-        kept = wm.sum() * per_score
-        if self.bias_mask is not None:
-            kept = kept + binarize(self.bias_mask, self.ste).sum()
-            total += self.bias.numel()
+        total = self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+        if self.mask_granularity == 'channel':  # the score stands for its row and its bias entry
+            per_score = total // self.weight_mask.numel()
+            kept = wm.sum() * per_score
+        else:
+            gate = binarize(self.channel_mask, self.ste) if self.channel_mask is not None else None
+            kept = (wm if gate is None else wm * gate).sum()
+            if self.bias_mask is not None:
+                bm = binarize(self.bias_mask, self.ste)
+                kept = kept + (bm if gate is None else bm * gate.reshape(-1)).sum()
         return (kept if differentiable else int(kept.detach().round().item())), total
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -157,8 +172,11 @@ class _MaskMixin:
         # A state dict saved with masks (a SeaM run) loads into a fresh layer: create the masks first.
         key = prefix + 'weight_mask'
         if not self.masks_enabled and key in state_dict:
-            shape = tuple(state_dict[key].shape)
-            self.enable_masks('weight' if shape == tuple(self.weight.shape) else 'channel')
+            if prefix + 'channel_mask' in state_dict:
+                self.enable_masks('weight+channel')
+            else:
+                shape = tuple(state_dict[key].shape)
+                self.enable_masks('weight' if shape == tuple(self.weight.shape) else 'channel')
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -28,9 +28,11 @@ RESNET20_STAGE_WIDTHS = (16, 32, 64)
 
 
 def channel_gate(conv, y):
-    """y (N, C, H, W) times conv's binary channel gate when conv has channel-level masks, else y unchanged."""
-    if isinstance(conv, MaskConv) and conv.mask_granularity == 'channel':
-        return y * binarize(conv.weight_mask, conv.ste).view(1, -1, 1, 1)
+    """y (N, C, H, W) times conv's binary channel gate when conv has one ('channel' / 'weight+channel' masks),
+    else y unchanged."""
+    scores = conv.gate_scores() if isinstance(conv, MaskConv) else None
+    if scores is not None:
+        return y * binarize(scores, conv.ste).view(1, -1, 1, 1)
     return y
 
 
@@ -154,6 +156,28 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def stream_convs(self):
+        """Per stage, the convolutions that write its residual stream: the stem (stage 1) or the projection
+        shortcut (stages 2, 3), then every block's conv2. Their outputs are summed into one stream tensor."""
+        stages = [self.layer1, self.layer2, self.layer3]
+        return [[self.conv1 if s == 0 else stage[0].downsample[0]] + [blk.conv2 for blk in stage]
+                for s, stage in enumerate(stages)]
+
+    def tie_stream_masks(self):
+        """Channel gates only: make each stage's stream-writing convolutions share one gate per channel (one
+        Parameter object). A gated-off channel is then 0 in every stream tensor of the stage (0 + 0 through
+        the residual sums), so extraction can remove it from the whole stage; with independent gates a
+        stream channel survives as long as any one block keeps it. Returns the model."""
+        for convs in self.stream_convs():
+            gran = {c.mask_granularity for c in convs}
+            if len(gran) != 1 or convs[0].gate_scores() is None:
+                raise ValueError("tie_stream_masks: enable 'channel' or 'weight+channel' masks on every convolution "
+                                 "first (enable_model_masks(model, granularity))")
+            name = 'weight_mask' if gran == {'channel'} else 'channel_mask'
+            for c in convs[1:]:
+                setattr(c, name, getattr(convs[0], name))
+        return self
 
     def forward(self, x):
         x = self.relu(channel_gate(self.conv1, self.bn1(self.conv1(x))))

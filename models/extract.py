@@ -34,8 +34,9 @@ def _effective(layer):
         w = w.detach().clone()
         b = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b.detach().clone()
         gate = torch.ones(w.shape[0], dtype=torch.bool)
-        if getattr(layer, 'mask_granularity', None) == 'channel':
-            gate = binarize(layer.weight_mask.detach()).reshape(-1) > 0
+        scores = layer.gate_scores() if isinstance(layer, (MaskConv, MaskLinear)) else None
+        if scores is not None:
+            gate = binarize(scores.detach()).reshape(-1) > 0
     return w, b, gate
 
 

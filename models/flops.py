@@ -146,7 +146,7 @@ def count_flops(model, example_input, nonzero_only=False):
 
 def count_params(model, nonzero_only=False):
     """Parameters of the network as deployed: every parameter element, except SeaM mask scores (``weight_mask`` /
-    ``bias_mask``: training-time selectors, not weights). For a layer with masks enabled, or for every parameter
+    ``bias_mask`` / ``channel_mask``: training-time selectors, not weights). For a layer with masks enabled, or for every parameter
     when ``nonzero_only=True``, only nonzero effective entries (weight * (mask > 0)) count. Buffers (BatchNorm
     statistics, the performer's fixed projection) are not parameters and are not counted."""
     total, seen = 0, set()
@@ -161,7 +161,7 @@ def _module_params(m, seen, nonzero_only):
     total, masked = 0, _masks_on(m)
     eff = dict(zip(('weight', 'bias'), m.masked_weight_bias())) if masked else {}
     for pname, p in m.named_parameters(recurse=False):
-        if id(p) in seen or (masked and pname in ('weight_mask', 'bias_mask')):
+        if id(p) in seen or (masked and pname in ('weight_mask', 'bias_mask', 'channel_mask')):
             continue
         seen.add(id(p))
         t = eff.get(pname, p)

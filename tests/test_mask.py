@@ -127,6 +127,28 @@ def test_channel_mode_drops_filter_and_bias():
     assert weight_ratio(nn.Sequential(conv)).item() == pytest.approx(2 / 3)
 
 
+def test_weight_plus_channel_mode_hand_computed():
+    lin = MaskLinear(2, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1., 2.], [3., 4.], [5., 6.]]))
+        lin.bias.copy_(torch.tensor([0.5, -1., 2.]))
+    lin.enable_masks('weight+channel')
+    assert lin.weight_mask.shape == (3, 2) and lin.bias_mask.shape == (3,) and lin.channel_mask.shape == (3, 1)
+    with torch.no_grad():
+        lin.weight_mask.copy_(torch.tensor([[1., -1.], [1., 1.], [-1., 1.]]))
+        lin.bias_mask.copy_(torch.tensor([1., 1., -1.]))
+        lin.channel_mask.copy_(torch.tensor([[1.], [-1.], [1.]]))  # neuron 1 gated off: weights and bias
+    y = lin(torch.tensor([[2., -1.]]))
+    # y0 = 1*2 + 0.5; y1 = 0 (gate); y2 = 6*(-1) (bias 2 masked)
+    assert torch.equal(y, torch.tensor([[2.5, 0.0, -6.0]]))
+    # kept: row 0 -> w00 + b0; row 1 -> nothing (its own masks are on, the gate is off); row 2 -> w21
+    assert kept_counts(lin) == (3, 9)
+    assert weight_ratio(nn.Sequential(lin)).item() == pytest.approx(3 / 9)
+    fresh = MaskLinear(2, 3)
+    fresh.load_state_dict(lin.state_dict())  # the granularity is recovered from the keys
+    assert fresh.mask_granularity == 'weight+channel' and torch.equal(fresh(torch.ones(1, 2)), lin(torch.ones(1, 2)))
+
+
 def test_bake_masks_equals_masked_model_and_leaves_no_masks():
     torch.manual_seed(0)
     model = nn.Sequential(MaskConv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),

@@ -95,11 +95,38 @@ def _check_extraction(model, name, tol=1e-5):
 
 
 @pytest.mark.parametrize('name', ['resnet20', 'vgg16_bn'])
-def test_extraction_equals_masked_model_channel_masks(name):
-    widths = _check_extraction(_random_masked(name, 'channel', 0.4, 0), name)
+@pytest.mark.parametrize('gran', ['channel', 'weight+channel'])
+def test_extraction_equals_masked_model_channel_masks(name, gran):
+    model = _random_masked(name, gran, 0.4, 0)
+    if gran == 'weight+channel' and name == 'resnet20':
+        model.tie_stream_masks()
+    widths = _check_extraction(model, name)
     full = MODELS[name](num_classes=10).state_dict()
     assert sum(widths) < 0.6 * (sum(v.shape[0] for k, v in full.items() if k.endswith('running_mean')) + 10 + 1024 *
                                 (name == 'vgg16_bn'))
+
+
+def test_tied_stream_gates_remove_residual_channels_resnet():
+    """With one gate per stream channel and stage, a gated-off channel is 0 in every stream tensor of the stage,
+    so extraction narrows the residual streams themselves (independent gates almost never allow that)."""
+    torch.manual_seed(3)
+    model = MODELS['resnet20'](num_classes=10, head_classes=2)
+    enable_model_masks(model, 'channel')
+    model.tie_stream_masks()
+    stem, first_conv2 = model.stream_convs()[0][:2]
+    assert first_conv2.weight_mask is stem.weight_mask
+    ids = {id(q) for n, q in model.named_parameters() if n.endswith('_mask')}
+    assert len(ids) == 3 + 9 + 1  # one gate per stage stream, the 9 block-internal gates, fc
+    with torch.no_grad():
+        for s, n_off in enumerate((5, 10, 20)):
+            model.stream_convs()[s][0].weight_mask[:n_off] = -1
+    model = model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.bias.data.normal_(0, 0.5)
+    widths = _check_extraction(model, 'resnet20')
+    assert widths[:3] == [11, 22, 44]
 
 
 def test_extraction_equals_masked_model_weight_masks_resnet():
