@@ -78,6 +78,9 @@ p.add_argument('--early-stop', type=int, default=-1, help='stop after N epochs b
 p.add_argument('--mask-granularity', default='weight', choices=['weight', 'channel', 'weight+channel'],
                help="weight: SeaM's masks (default); channel: one gate per filter/neuron (removable); "
                     'weight+channel: both (per-weight sparsity inside removable channels)')
+p.add_argument('--penalty', default='weights', choices=['weights', 'flops'],
+               help="weights: alpha x kept-weight ratio (SeaM); flops: alpha x kept multiply-add ratio (each weight "
+                    "counted once per output pixel), which aims the pruning at the layers that cost the most time")
 p.add_argument('--batch-size', type=int, default=64)
 p.add_argument('--ft-epochs', type=int, default=20, help='defect task: fine-tuning epochs')
 p.add_argument('--pgd-samples', type=int, default=256, help='defect task: test images attacked')
@@ -223,7 +226,9 @@ def main():
     val_dl, test_dl = loader('val'), loader('test')
 
     def reengineer(model, head, acc_bar, tag):
-        """SeaM's search: returns the selected epoch's record; model holds the selected masks + head."""
+        """SeaM's search: returns the selected epoch's record; model holds the selected masks + head. The selection
+        (and the penalty) use the kept-weight ratio, or the kept multiply-add ratio with --penalty flops."""
+        cost = output_pixels(model, args.img_size, dev) if args.penalty == 'flops' else None
         masks = list({id(q): q for _, m in masked_layers(model) for n, q in m.named_parameters()
                       if n.endswith('_mask')}.values())  # tied stream gates appear once
         for q in model.parameters():
@@ -243,24 +248,26 @@ def main():
             set_epoch(train_dl, ep)
             for x, y in train_dl:
                 ce = F.cross_entropy(model(x.to(dev)), y.to(dev))
-                ratio = weight_ratio(model)
+                pen = weight_ratio(model, cost)
                 optim.zero_grad(set_to_none=True)
-                (ce + alpha * ratio).backward()
+                (ce + alpha * pen).backward()
                 optim.step()
-            acc, ratio = evaluate(model, val_dl), weight_ratio(model).item()
-            log.log(ep, **{f'{tag}/train_ce': ce.item(), f'{tag}/val_acc': acc, f'{tag}/weight_ratio': ratio,
-                           f'{tag}/loss': ce.item() + alpha * ratio})
+            acc, wr = evaluate(model, val_dl), weight_ratio(model).item()
+            ratio = weight_ratio(model, cost).item() if cost else wr  # what the penalty and the selection use
+            log.log(ep, **{f'{tag}/train_ce': ce.item(), f'{tag}/val_acc': acc, f'{tag}/weight_ratio': wr,
+                           f'{tag}/penalty_ratio': ratio, f'{tag}/loss': ce.item() + alpha * ratio})
             print(f'[{tag}] epoch {ep} {"head+mask" if ep % 5 else "head"} ce {ce.item():.3f} '
-                  f'val acc {acc:.2%} (bar {acc_bar:.2%}) weight ratio {ratio:.2%}', flush=True)
-            rec = dict(epoch=ep, val_acc=acc, weight_ratio=ratio)
-            if fallback is None or acc - ratio > fallback[0]['val_acc'] - fallback[0]['weight_ratio']:
+                  f'val acc {acc:.2%} (bar {acc_bar:.2%}) weight ratio {wr:.2%}'
+                  + (f' flop ratio {ratio:.2%}' if cost else ''), flush=True)
+            rec = dict(epoch=ep, val_acc=acc, weight_ratio=wr, penalty_ratio=ratio)
+            if fallback is None or acc - ratio > fallback[0]['val_acc'] - fallback[0]['penalty_ratio']:
                 fallback = (rec, trainable())
             if acc >= acc_bar:  # SeaM's rule: lowest ratio (per mille) among epochs reaching the bar, then acc
                 armed = True
-                b = best[0] if best else dict(weight_ratio=1.0, val_acc=0.0)
-                if int(ratio * 1000) < int(b['weight_ratio'] * 1000):
+                b = best[0] if best else dict(penalty_ratio=1.0, val_acc=0.0)
+                if int(ratio * 1000) < int(b['penalty_ratio'] * 1000):
                     stall = 0
-                elif ratio > b['weight_ratio'] or acc <= b['val_acc']:
+                elif ratio > b['penalty_ratio'] or acc <= b['val_acc']:
                     continue
                 best = (rec, trainable())
             elif armed:
@@ -309,10 +316,10 @@ def main():
                      'state_dict': module.state_dict(), 'classes': classes, 'task': args.task,
                      'labels': ['target', 'other'] if args.task == 'binary' else [str(c) for c in classes]},
                     os.path.join(run_dir, 'module.pt'))
-    dev = torch.device('cpu')
     x1 = x[:1]
-    lat = {f'{name}_b{bs}_ms': latency(net, bs, args.img_size, args.latency_iters)
-           for name, net in (('original', base), ('extracted', module)) for bs in (1, 64)}
+    lat = {}
+    for bs in (1, 64):
+        lat.update(latencies({'original': base, 'extracted': module}, bs, args.img_size, args.latency_iters))
     report = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, lr_mask=lr_mask,
                   lr_head=args.lr_head,
                   alpha=alpha, mask_granularity=args.mask_granularity, selected=sel, minutes=minutes,
@@ -358,17 +365,32 @@ def load_base(base, args, nc):
                         'matching --model/--dataset or another checkpoint') from None
 
 
-def latency(model, batch, img_size, iters):
-    """Median CPU forward time in ms (eval, no grad) after warm-up."""
+def output_pixels(model, img_size, dev):
+    """{masked layer name: output pixels per image} (1 for linear layers): the multiply-adds of one weight."""
+    pix, hooks = {}, []
+    for name, m in masked_layers(model):
+        hooks.append(m.register_forward_hook(
+            lambda mod, inp, out, name=name: pix.__setitem__(name, out.shape[-1] * out.shape[-2] if out.dim() == 4 else 1)))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size, device=dev))
+    for h in hooks:
+        h.remove()
+    return pix
+
+
+def latencies(nets, batch, img_size, iters):
+    """{'<name>_b<batch>_ms': median CPU forward time} for eval-mode nets, timed in alternation after warm-up so
+    that load changes on a shared machine hit every net alike."""
     x = torch.randn(batch, 3, img_size, img_size)
-    times = []
+    times = {name: [] for name in nets}
     with torch.no_grad():
         for i in range(iters + 3):
-            t = time.perf_counter()
-            model(x)
-            if i >= 3:
-                times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+            for name, net in nets.items():
+                t = time.perf_counter()
+                net(x)
+                if i >= 3:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+    return {f'{name}_b{batch}_ms': float(np.median(ts)) for name, ts in times.items()}
 
 
 def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate, train_plain, reengineer, dev,

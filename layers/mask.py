@@ -230,18 +230,22 @@ def enable_model_masks(model, granularity='weight', ste='seam'):
     return model
 
 
-def weight_ratio(model):
+def weight_ratio(model, cost=None):
     """Fraction of kept elements over all weight and bias masks of every masked layer: one global scalar tensor.
 
     Equals SeaM's ``mean(binarize(cat(all masks)))`` at weight granularity; differentiable through the STE, so it
-    can be added to the loss (``ce + alpha * weight_ratio(model)``)."""
+    can be added to the loss (``ce + alpha * weight_ratio(model)``).
+
+    cost: optional {layer name: cost of one element}, e.g. the output pixels of each convolution, which turns the
+    ratio into the fraction of kept multiply-adds (a layer missing from the dict costs 1 per element)."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("weight_ratio: the model has no layer with masks enabled (call enable_masks() first)")
     kept, total = 0, 0
-    for _, m in layers:
+    for name, m in layers:
         k, t = m.mask_counts(differentiable=True)
-        kept, total = kept + k, total + t
+        c = 1.0 if cost is None else float(cost.get(name, 1.0))
+        kept, total = kept + c * k, total + c * t
     return kept / total
 
 
