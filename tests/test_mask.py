@@ -149,6 +149,22 @@ def test_weight_plus_channel_mode_hand_computed():
     assert fresh.mask_granularity == 'weight+channel' and torch.equal(fresh(torch.ones(1, 2)), lin(torch.ones(1, 2)))
 
 
+def test_weight_ratio_with_per_layer_cost_hand_computed():
+    a, b = MaskLinear(2, 2, bias=False), MaskLinear(3, 1, bias=False)
+    model = nn.Sequential(a, b)
+    enable_model_masks(model)
+    with torch.no_grad():
+        a.weight_mask.copy_(torch.tensor([[1., -1.], [-1., -1.]]))  # 1 of 4 kept
+        b.weight_mask.copy_(torch.tensor([[1., 1., -1.]]))          # 2 of 3 kept
+    assert weight_ratio(model).item() == pytest.approx(3 / 7)
+    # a costs 10 per element (e.g. 10 output pixels), b 1 (missing from the dict): (10*1 + 2) / (10*4 + 3)
+    assert weight_ratio(model, {'0': 10.0}).item() == pytest.approx(12 / 43)
+    weight_ratio(model, {'0': 10.0}).backward()
+    # d ratio / d kept_j = cost_j / total cost, passed straight through the STE (hardtanh leaves it unchanged)
+    assert torch.allclose(a.weight_mask.grad, torch.full((2, 2), 10 / 43))
+    assert torch.allclose(b.weight_mask.grad, torch.full((1, 3), 1 / 43))
+
+
 def test_bake_masks_equals_masked_model_and_leaves_no_masks():
     torch.manual_seed(0)
     model = nn.Sequential(MaskConv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),

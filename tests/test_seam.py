@@ -184,13 +184,16 @@ def base_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize('task', [['--task', 'binary', '--target-class', '0'],
-                                  ['--task', 'multiclass', '--n-classes', '3', '--seed', '1']])
+                                  ['--task', 'multiclass', '--n-classes', '3', '--seed', '1'],
+                                  ['--task', 'binary', '--target-class', '3', '--mask-granularity', 'weight+channel',
+                                   '--penalty', 'flops']], ids=['binary', 'multiclass', 'binary-structured'])
 def test_tiny_reengineering_lowers_weight_ratio_and_keeps_accuracy(base_ckpt, task):
     base, out = base_ckpt
+    name = '-'.join(task[1::2])
     r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), *task, '--epochs', '10',
-             '--batch-size', '16', '--threads', '1', '--latency-iters', '2', '--output', str(out / task[1]))
+             '--batch-size', '16', '--threads', '1', '--latency-iters', '2', '--output', str(out / name))
     assert r.returncode == 0, r.stderr[-2000:]
-    run = out / task[1] / '001'
+    run = out / name / '001'
     rep = json.loads((run / 'report.json').read_text())
     assert rep['selected']['reached_bar']
     assert rep['weight_retention'] < 0.95
