@@ -13,13 +13,16 @@
 - ``seed_everything(seed)``, ``get_rng_state()`` / ``set_rng_state(state)``, ``count_params(model)``,
   ``convert_sync_batchnorm(model, device)``.
 """
+import contextlib
 import json
 import os
 import pickle
 import random
 import re
 import socket
+import statistics
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -300,6 +303,34 @@ class Logger:
 
 
 # ------------------------------------------------------------------------------------------------ misc
+
+@torch.no_grad()
+def latencies(nets, batch, img_size, iters, device=torch.device('cpu'), ctx=None):
+    """{name: median milliseconds of one forward} for the eval-mode ``nets`` ({name: model}) at this batch size.
+
+    The nets are timed in alternation after 3 warm-up rounds (allocation, kernel selection, lazy builds), so a
+    load change on a shared machine hits them alike; CUDA events on a GPU, perf_counter on the CPU. ``ctx``: a
+    context-manager factory for the forwards (e.g. autocast)."""
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    times = {name: [] for name in nets}
+    for i in range(3 + iters):
+        for name, net in nets.items():
+            with ctx() if ctx else contextlib.nullcontext():
+                if device.type == 'cuda':
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    net(x)
+                    end.record()
+                    torch.cuda.synchronize()
+                    t = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    net(x)
+                    t = 1000 * (time.perf_counter() - t0)
+            if i >= 3:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
 
 def seed_everything(seed):
     random.seed(seed)

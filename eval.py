@@ -24,9 +24,7 @@ at batch 1 and --latency-batch (CUDA events on GPU, perf_counter on CPU). The pr
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -121,21 +119,6 @@ def prepare(path, args):
                 n_data_classes=n_data)
 
 
-class TaskView(torch.utils.data.Dataset):
-    """Items ``indices`` of an index-returning dataset with labels remapped: (x, label_map[y], position here)."""
-
-    def __init__(self, base, indices, label_map):
-        self.base, self.indices, self.label_map = base, [int(i) for i in indices], label_map
-        self.targets = [label_map[base.targets[i]] for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        x, y = self.base[self.indices[i]][:2]
-        return x, self.label_map[y], i
-
-
 def eval_dataset(e, args):
     """The dataset (items (x, y, index)) a prepared checkpoint is scored on."""
     n = e['n_data_classes']
@@ -146,7 +129,7 @@ def eval_dataset(e, args):
     # the same draw as reengineer_seam.py: data.task_indices
     idx, lmap = data.task_indices(ds.targets, 'binary' if e['task'] == 'binary' else 'multiclass', e['classes'], n,
                                   e['seed'])
-    return TaskView(ds, idx, lmap)
+    return data.TaskSubset(ds, idx, lmap, return_index=True)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -187,31 +170,6 @@ def evaluate(e, args, rank, world_size, device, real):
                 cls_n=tot[5 + k:])
 
 
-@torch.no_grad()
-def latency_ms(model, batch, img_size, iters, device, args):
-    """Median milliseconds of one forward (after warm-up) at this batch size."""
-    model = model.to(device).eval()
-    x = torch.randn(batch, 3, img_size, img_size, device=device)
-    times = []
-    with autocast_ctx(args, device):
-        for i in range(3 + iters):  # the first forwards pay for allocation, kernel selection, lazy builds
-            if device.type == 'cuda':
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(x)
-                end.record()
-                torch.cuda.synchronize()
-                t = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                model(x)
-                t = 1000 * (time.perf_counter() - t0)
-            if i >= 3:
-                times.append(t)
-    model.cpu()
-    return statistics.median(times)
-
-
 def measure(e, counts, args, device):
     """Everything reported for one checkpoint (rank 0)."""
     model, n = e['model'], max(counts['n'], 1)
@@ -225,8 +183,11 @@ def measure(e, counts, args, device):
     if args.per_class:
         r['per_class'] = [100 * ok / c if c else None for ok, c in zip(counts['cls_ok'], counts['cls_n'])]
     if args.latency_iters:
+        net = model.to(device).eval()
         for b in (1, args.latency_batch):
-            r[f'latency_b{b}_ms'] = latency_ms(model, b, e['img_size'], args.latency_iters, device, args)
+            r[f'latency_b{b}_ms'] = common.latencies({'m': net}, b, e['img_size'], args.latency_iters, device,
+                                                     lambda: autocast_ctx(args, device))['m']
+        model.cpu()
     return r
 
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (PROJECT, Logger, UserError, load_checkpoint, make_run_dir, run_main, save_checkpoint,
+from common import (PROJECT, Logger, UserError, latencies, load_checkpoint, make_run_dir, run_main, save_checkpoint,
                     seed_everything)
-from data import build_dataset, build_loader, dataset_info, set_epoch, task_indices
+from data import CIFAR100_COARSE, TaskSubset, build_dataset, build_loader, dataset_info, set_epoch, task_indices
 from layers.mask import kept_counts, masked_layers, weight_ratio
 from models import build_model
 from models.extract import extract_module
@@ -47,12 +47,6 @@ from models.flops import count_flops
 SEAM_DEFAULTS = {('vgg16_bn', 'cifar10'): (0.01, 1.0), ('resnet20', 'cifar10'): (0.05, 1.0),
                  ('vgg16_bn', 'cifar100'): (0.05, 1.5), ('resnet20', 'cifar100', 'binary'): (0.12, 1.5),
                  ('resnet20', 'cifar100'): (0.10, 2.0)}
-# CIFAR-100 fine label -> coarse (superclass) label, the standard 20-superclass grouping
-CIFAR100_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
-                   0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4,
-                   18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19,
-                   5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]
-
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
 p.add_argument('--model', default='resnet20', choices=['resnet20', 'vgg16_bn'])
 p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100'])
@@ -89,23 +83,6 @@ p.add_argument('--latency-iters', type=int, default=20)
 p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
 p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 p.add_argument('--output', default='runs/seam')
-
-
-class TaskSubset(torch.utils.data.Dataset):
-    """Items of ``base`` at ``indices`` with labels remapped by ``label_map`` (None keeps the original label)."""
-
-    def __init__(self, base, indices, label_map):
-        self.base, self.indices, self.label_map = base, list(indices), label_map
-
-    def __len__(self):
-        return len(self.indices)
-
-    def set_epoch(self, epoch):
-        self.base.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        x, y = self.base[self.indices[i]][:2]
-        return x, (self.label_map[y] if self.label_map is not None else y)
 
 
 def main():
@@ -317,9 +294,8 @@ def main():
                      'labels': ['target', 'other'] if args.task == 'binary' else [str(c) for c in classes]},
                     os.path.join(run_dir, 'module.pt'))
     x1 = x[:1]
-    lat = {}
-    for bs in (1, 64):
-        lat.update(latencies({'original': base, 'extracted': module}, bs, args.img_size, args.latency_iters))
+    lat = {f'{name}_b{bs}_ms': ms for bs in (1, 64)
+           for name, ms in latencies({'original': base, 'extracted': module}, bs, args.img_size, args.latency_iters).items()}
     report = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, lr_mask=lr_mask,
                   lr_head=args.lr_head,
                   alpha=alpha, mask_granularity=args.mask_granularity, selected=sel, minutes=minutes,
@@ -376,21 +352,6 @@ def output_pixels(model, img_size, dev):
     for h in hooks:
         h.remove()
     return pix
-
-
-def latencies(nets, batch, img_size, iters):
-    """{'<name>_b<batch>_ms': median CPU forward time} for eval-mode nets, timed in alternation after warm-up so
-    that load changes on a shared machine hit every net alike."""
-    x = torch.randn(batch, 3, img_size, img_size)
-    times = {name: [] for name in nets}
-    with torch.no_grad():
-        for i in range(iters + 3):
-            for name, net in nets.items():
-                t = time.perf_counter()
-                net(x)
-                if i >= 3:
-                    times[name].append((time.perf_counter() - t) * 1e3)
-    return {f'{name}_b{batch}_ms': float(np.median(ts)) for name, ts in times.items()}
 
 
 def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate, train_plain, reengineer, dev,

@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ['DataError', 'build_dataset', 'task_indices', 'dataset_info', 'build_loader', 'set_epoch', 'ExactDistributedSampler',
-           'load_real_labels', 'real_labels_for', 'real_correct', 'NAMES', 'SPLITS']
+__all__ = ['DataError', 'build_dataset', 'task_indices', 'TaskSubset', 'CIFAR100_COARSE', 'dataset_info',
+           'build_loader', 'set_epoch', 'ExactDistributedSampler', 'load_real_labels', 'real_labels_for',
+           'real_correct', 'NAMES', 'SPLITS']
 
 NAMES = ('digits', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
 SPLITS = ('train', 'val', 'test')
@@ -296,6 +297,34 @@ def task_indices(targets, task, classes, num_classes, seed):
         neg = np.random.default_rng(seed).permutation(np.flatnonzero(t != classes[0]))[:len(pos)]
         return np.concatenate([pos, neg]), {c: int(c != classes[0]) for c in range(num_classes)}
     return np.flatnonzero(np.isin(t, classes)), {c: i for i, c in enumerate(classes)}
+
+
+# CIFAR-100 fine label -> coarse (superclass) label, the standard 20-superclass grouping
+CIFAR100_COARSE = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+                   0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4,
+                   18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19,
+                   5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]
+
+
+class TaskSubset(Dataset):
+    """Items ``indices`` of ``base`` with labels remapped by ``label_map`` (None keeps the original label): items
+    ``(x, label)``, or ``(x, label, position in this subset)`` with ``return_index=True`` (for exact distributed
+    evaluation). ``targets`` and ``set_epoch`` follow the base dataset."""
+
+    def __init__(self, base, indices, label_map=None, return_index=False):
+        self.base, self.indices, self.label_map = base, [int(i) for i in indices], label_map
+        self.return_index = return_index
+        self.targets = [base.targets[i] if label_map is None else label_map[base.targets[i]] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        x = self.base[self.indices[i]][0]
+        return (x, self.targets[i], i) if self.return_index else (x, self.targets[i])
 
 
 class ExactDistributedSampler(Sampler):
