@@ -36,7 +36,8 @@ from layers.monarch import MonarchLinear, monarch_multiply_ref
 VIT = [(768, 3072), (3072, 768), (1024, 1024)]
 DEFAULT_CASES = ([(4096, i, o, 4) for i, o in VIT] + [(4096, i, o, 16) for i, o in VIT]
                  + [(64, i, o, 4) for i, o in VIT] + [(8, 1024, 1024, 4)])
-CUDA_EXTRA = [(16384, i, o, 4) for i, o in VIT]
+# the GPU target shapes (tokens >= 16384, n in 1024..4096, nblocks 4) on top of the ViT ones
+CUDA_EXTRA = [(16384, i, o, 4) for i, o in VIT + [(1024, 4096), (4096, 1024), (2048, 2048), (4096, 4096)]]
 QUICK_CASES = [(256, 256, 512, 4)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

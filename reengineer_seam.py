@@ -385,8 +385,8 @@ def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate
         q.requires_grad_(False)
     for q in out_layer(step1).parameters():
         q.requires_grad_(True)
-    train_plain(step1, [{'params': out_layer(step1).parameters(), 'lr': 0.1}], train_dl, val_dl, args.ft_epochs, 'seam_step1', momentum=0.0,
-                wd=1e-4)
+    train_plain(step1, [{'params': out_layer(step1).parameters(), 'lr': 0.1}], train_dl, val_dl, args.ft_epochs,
+                'seam_step1', momentum=0.0, wd=1e-4)
     for n, m in step1.named_modules():
         if hasattr(m, 'enable_masks') and n != last:
             m.enable_masks(args.mask_granularity)
@@ -426,10 +426,11 @@ def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate
             success += int((adv[ok] != y[ok]).sum())
             correct += int(ok.sum())
             n += len(y)
-        res[name] = dict(clean_acc=correct / n, defect_inheritance_rate=success / max(trials, 1),
-                         test_acc=evaluate(m, test_dl))
+        res[name] = dict(clean_acc=correct / n, attacked=trials, samples=n,
+                         defect_inheritance_rate=success / max(trials, 1), test_acc=evaluate(m, test_dl))
     report = dict(model=args.model, dataset=args.dataset, task='defect', classes=classes, selected=sel,
-                  weight_retention=kept / total, pgd=dict(eps=args.pgd_eps, step=args.pgd_eps / 10, iters=40, clip=[lo, hi]), **res)
+                  weight_retention=kept / total, **res,
+                  pgd=dict(eps=args.pgd_eps, step=args.pgd_eps / 10, iters=40, clip=[lo, hi]))
     with open(os.path.join(run_dir, 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))

@@ -274,7 +274,9 @@ void gemm(const Engine<T>& e, int64_t M, int64_t N, int64_t K, const T* a, int64
 }
 
 // Scratch memory that grows and is kept, one set per thread: repeated calls allocate nothing (a fresh
-// multi-MiB std::vector per call costs more in page faults than the whole product at small batch).
+// multi-MiB std::vector per call costs more in page faults than the whole product at small batch). What
+// stays allocated is bounded by the largest layer seen: about 3x its weights in the calling thread (packed
+// weights, and the per-chunk weight-gradient sums of the backward pass) plus a few tile buffers per thread.
 struct Scratch {
   void* p = nullptr;
   size_t cap = 0;

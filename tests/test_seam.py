@@ -231,3 +231,32 @@ def test_bad_input_one_line_exit_2(base_ckpt):
         assert proc.returncode == 2, (argv, proc.returncode, err[-2000:])
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith('error:') and needle in lines[0], err
+
+
+def test_pgd_saturates_the_eps_ball_along_the_feature_gradient():
+    """Hand case: one linear feature f(x) = <w, x> far below the target 1000, so every ascent step moves x by
+    +step * sign(w); 40 steps of eps/10 from any start in the ball end on x + eps * sign(w), clipped to [lo, hi]."""
+    from reengineer_seam import pgd
+    torch.manual_seed(0)
+    w = torch.randn(3 * 4 * 4)
+    w[w.abs() < 0.1] = 0.5  # no zero-gradient coordinates
+    feat = lambda x: (x.flatten(1) @ w).unsqueeze(1)
+    x = torch.rand(5, 3, 4, 4) * 2 - 1
+    eps, lo, hi = 0.1, -0.95, 0.95
+    xa = pgd(feat, x, eps=eps, step=eps / 10, iters=40, lo=lo, hi=hi)
+    want = (x + eps * torch.sign(w).view(1, 3, 4, 4)).clamp(lo, hi)
+    assert torch.allclose(xa, want, atol=1e-6)
+    assert (xa - x).abs().max() <= eps + 1e-6
+
+
+def test_tiny_defect_inheritance_run(base_ckpt):
+    base, out = base_ckpt
+    r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), '--task', 'defect', '--classes',
+             '0,1,2', '--epochs', '3', '--ft-epochs', '1', '--batch-size', '32', '--pgd-samples', '16', '--threads', '1',
+             '--output', str(out / 'defect'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / 'defect' / '001' / 'report.json').read_text())
+    for name in ('standard', 'seam'):
+        assert 0 <= rep[name]['defect_inheritance_rate'] <= 1 and 0 <= rep[name]['clean_acc'] <= 1
+        assert rep[name]['attacked'] > 0
+    assert 0 < rep['weight_retention'] <= 1
