@@ -286,6 +286,7 @@ struct Scratch {
     const size_t bytes = (size_t)round_up(std::max<int64_t>(n, 1) * (int64_t)sizeof(T), 64);
     if (bytes > cap) {
       std::free(p);
+      cap = 0;
       p = std::aligned_alloc(64, bytes);
       TORCH_CHECK(p != nullptr, "monarch: out of memory for a ", bytes, "-byte scratch buffer");
       cap = bytes;
