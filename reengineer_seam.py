@@ -84,7 +84,8 @@ p.add_argument('--penalty', default='weights', choices=['weights', 'flops'],
 p.add_argument('--batch-size', type=int, default=None, help='default: 16 on digits, 64 (SeaM) otherwise')
 p.add_argument('--ft-epochs', type=int, default=20, help='defect task: fine-tuning epochs')
 p.add_argument('--pgd-samples', type=int, default=256, help='defect task: test images attacked')
-p.add_argument('--pgd-eps', type=float, default=0.1, help="defect task: L-inf budget in normalised units (SeaM's)")
+p.add_argument('--pgd-eps', type=float, nargs='+', default=[0.1],
+               help="defect task: L-inf budgets in normalised units (SeaM's 0.1), one attack each")
 p.add_argument('--latency-iters', type=int, default=20)
 p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
 p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -104,6 +105,8 @@ def main():
     nc = info['num_classes']
     if args.model == 'vgg16_bn' and args.img_size != 32:
         raise UserError('vgg16_bn needs --img-size 32 (five 2x2 poolings down to the 512-wide classifier)')
+    if min(args.pgd_eps) <= 0 or args.pgd_samples < 1:
+        raise UserError('--pgd-eps values must be > 0 and --pgd-samples >= 1')
     if args.task is None and not args.train_base:
         raise UserError('nothing to do: pass --task binary|multiclass|defect and/or --train-base')
     if args.pretrained is None and not args.train_base:
@@ -421,24 +424,28 @@ def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate
     res = {}
     for name, m in (('standard', standard), ('seam', seam)):
         m.eval()
-        trials = success = correct = n = 0
-        for x, y in test_dl:
-            if n >= args.pgd_samples:
-                break
-            x, y = x.to(dev), y.to(dev)
-            xa = pgd(feat, x, eps=args.pgd_eps, step=args.pgd_eps / 10, iters=40, lo=lo, hi=hi)
-            with torch.no_grad():
-                clean, adv = m(x).argmax(1), m(xa).argmax(1)
-            ok = clean == y
-            trials += int(ok.sum())
-            success += int((adv[ok] != y[ok]).sum())
-            correct += int(ok.sum())
-            n += len(y)
-        res[name] = dict(clean_acc=correct / n, attacked=trials, samples=n,
-                         defect_inheritance_rate=success / max(trials, 1), test_acc=evaluate(m, test_dl))
+        res[name] = dict(test_acc=evaluate(m, test_dl), by_eps={})
+        for eps in args.pgd_eps:
+            torch.manual_seed(args.seed)  # the same random starts for both models
+            trials = success = correct = n = 0
+            for x, y in test_dl:
+                if n >= args.pgd_samples:
+                    break
+                x, y = x.to(dev), y.to(dev)
+                xa = pgd(feat, x, eps=eps, step=eps / 10, iters=40, lo=lo, hi=hi)
+                with torch.no_grad():
+                    clean, adv = m(x).argmax(1), m(xa).argmax(1)
+                ok = clean == y
+                trials += int(ok.sum())
+                success += int((adv[ok] != y[ok]).sum())
+                correct += int(ok.sum())
+                n += len(y)
+            # DIR: the share of clean-correct test images that the attack on the pretrained features flips
+            res[name]['by_eps'][str(eps)] = dict(clean_acc=correct / n, attacked=trials, samples=n,
+                                                 defect_inheritance_rate=success / max(trials, 1))
     report = dict(model=args.model, dataset=args.dataset, task='defect', classes=classes, selected=sel,
                   weight_retention=kept / total, **res,
-                  pgd=dict(eps=args.pgd_eps, step=args.pgd_eps / 10, iters=40, clip=[lo, hi]))
+                  pgd=dict(eps=args.pgd_eps, step='eps/10', iters=40, clip=[lo, hi]))
     with open(os.path.join(run_dir, 'report.json'), 'w') as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))

@@ -253,10 +253,13 @@ def test_tiny_defect_inheritance_run(base_ckpt):
     base, out = base_ckpt
     r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), '--task', 'defect', '--classes',
              '0,1,2', '--epochs', '3', '--ft-epochs', '1', '--batch-size', '32', '--pgd-samples', '16', '--threads', '1',
+             '--pgd-eps', '0.1', '0.5',
              '--output', str(out / 'defect'))
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / 'defect' / '001' / 'report.json').read_text())
     for name in ('standard', 'seam'):
-        assert 0 <= rep[name]['defect_inheritance_rate'] <= 1 and 0 <= rep[name]['clean_acc'] <= 1
-        assert rep[name]['attacked'] > 0
+        assert set(rep[name]['by_eps']) == {'0.1', '0.5'}
+        for r_eps in rep[name]['by_eps'].values():
+            assert 0 <= r_eps['defect_inheritance_rate'] <= 1 and 0 <= r_eps['clean_acc'] <= 1
+            assert r_eps['attacked'] > 0
     assert 0 < rep['weight_retention'] <= 1
