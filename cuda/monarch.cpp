@@ -89,28 +89,18 @@ static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const
 template <class T>
 using UkFn = void (*)(int64_t, const T*, const T*, T*, int64_t, bool);
 
-__attribute__((target("avx512f"))) void uk_f32_avx512(int64_t kc, const float* A, const float* B, float* C,
-                                                      int64_t ldc, bool acc) {
-  ukernel_body<float, 64, 8, 3>(kc, A, B, C, ldc, acc);
-}
-__attribute__((target("avx512f"))) void uk_f64_avx512(int64_t kc, const double* A, const double* B,
-                                                      double* C, int64_t ldc, bool acc) {
-  ukernel_body<double, 64, 8, 3>(kc, A, B, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void uk_f32_avx2(int64_t kc, const float* A, const float* B, float* C,
-                                                     int64_t ldc, bool acc) {
-  ukernel_body<float, 32, 4, 3>(kc, A, B, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void uk_f64_avx2(int64_t kc, const double* A, const double* B,
-                                                     double* C, int64_t ldc, bool acc) {
-  ukernel_body<double, 32, 4, 3>(kc, A, B, C, ldc, acc);
-}
-void uk_f32_base(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, bool acc) {
-  ukernel_body<float, 16, 4, 3>(kc, A, B, C, ldc, acc);
-}
-void uk_f64_base(int64_t kc, const double* A, const double* B, double* C, int64_t ldc, bool acc) {
-  ukernel_body<double, 16, 4, 3>(kc, A, B, C, ldc, acc);
-}
+// One register kernel per dtype and ISA: the same body, compiled under each target attribute.
+#define MONARCH_SEAM_UK(NAME, T, TARGET, VB, MR)                                                   \
+  TARGET void NAME(int64_t kc, const T* A, const T* B, T* C, int64_t ldc, bool acc) {              \
+    ukernel_body<T, VB, MR, 3>(kc, A, B, C, ldc, acc);                                            \
+  }
+MONARCH_SEAM_UK(uk_f32_avx512, float, __attribute__((target("avx512f"))), 64, 8)    // 8 x 48 floats
+MONARCH_SEAM_UK(uk_f64_avx512, double, __attribute__((target("avx512f"))), 64, 8)   // 8 x 24 doubles
+MONARCH_SEAM_UK(uk_f32_avx2, float, __attribute__((target("avx2,fma"))), 32, 4)     // 4 x 24 floats
+MONARCH_SEAM_UK(uk_f64_avx2, double, __attribute__((target("avx2,fma"))), 32, 4)    // 4 x 12 doubles
+MONARCH_SEAM_UK(uk_f32_base, float, , 16, 4)                                        // 4 x 12 floats (SSE2)
+MONARCH_SEAM_UK(uk_f64_base, double, , 16, 4)                                       // 4 x 6 doubles
+#undef MONARCH_SEAM_UK
 
 enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* kIsaNames[] = {"base", "avx2", "avx512"};

@@ -33,7 +33,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include "monarch_plan.h"
 
@@ -354,6 +356,12 @@ Dims check(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
   return d;
 }
 
+// Data pointers of the plan's buffers, indexed by plan::Buf (unused ones stay null).
+template <typename T>
+void set_bufs(T** bufs, std::initializer_list<std::pair<plan::Buf, const at::Tensor*>> items) {
+  for (const auto& item : items) bufs[item.first] = item.second->data_ptr<T>();
+}
+
 // Runs one GEMM of the plan (cuda/monarch_plan.h) over the buffers, indexed by plan::Buf.
 template <typename T>
 void run(const at::Tensor& like, const plan::Gemm& g, T* const* bufs) {
@@ -368,11 +376,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_h_cuda(const at::Tensor& x_, const at::Te
   auto hp = at::empty({d.B * d.K * d.Q}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "monarch_fwd_cuda", [&] {
     scalar_t* bufs[10] = {};
-    bufs[plan::X] = x.data_ptr<scalar_t>();
-    bufs[plan::W1] = w1.data_ptr<scalar_t>();
-    bufs[plan::W2] = w2.data_ptr<scalar_t>();
-    bufs[plan::HP] = hp.data_ptr<scalar_t>();
-    bufs[plan::OUT] = out.data_ptr<scalar_t>();
+    set_bufs<scalar_t>(bufs, {{plan::X, &x}, {plan::W1, &w1}, {plan::W2, &w2}, {plan::HP, &hp}, {plan::OUT, &out}});
     run<scalar_t>(x, plan::stage1(d), bufs);
     run<scalar_t>(x, plan::stage2(d), bufs);
   });
@@ -402,15 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cuda(const at::Tensor
   auto dx = at::empty_like(x), dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "monarch_bwd_cuda", [&] {
     scalar_t* bufs[10] = {};
-    bufs[plan::X] = x.data_ptr<scalar_t>();
-    bufs[plan::W1] = w1.data_ptr<scalar_t>();
-    bufs[plan::W2] = w2.data_ptr<scalar_t>();
-    bufs[plan::G] = g.data_ptr<scalar_t>();
-    bufs[plan::HP] = hp.data_ptr<scalar_t>();
-    bufs[plan::DH] = dh.data_ptr<scalar_t>();
-    bufs[plan::DX] = dx.data_ptr<scalar_t>();
-    bufs[plan::DW1] = dw1.data_ptr<scalar_t>();
-    bufs[plan::DW2] = dw2.data_ptr<scalar_t>();
+    set_bufs<scalar_t>(bufs, {{plan::X, &x}, {plan::W1, &w1}, {plan::W2, &w2}, {plan::G, &g}, {plan::HP, &hp},
+                              {plan::DH, &dh}, {plan::DX, &dx}, {plan::DW1, &dw1}, {plan::DW2, &dw2}});
     if (recompute) run<scalar_t>(x, plan::stage1(d), bufs);
     plan::Gemm steps[4];
     plan::backward(d, steps);
