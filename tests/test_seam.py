@@ -263,3 +263,53 @@ def test_tiny_defect_inheritance_run(base_ckpt):
             assert 0 <= r_eps['defect_inheritance_rate'] <= 1 and 0 <= r_eps['clean_acc'] <= 1
             assert r_eps['attacked'] > 0
     assert 0 < rep['weight_retention'] <= 1
+
+
+CIFAR_RUN = """
+import runpy, sys, torchvision
+# the fake folder below has the right format but not the real files' md5 sums, which torchvision checks
+torchvision.datasets.CIFAR10._check_integrity = lambda self: True
+torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True
+sys.argv = ['reengineer_seam.py'] + sys.argv[1:]
+runpy.run_path('reengineer_seam.py', run_name='__main__')
+"""
+
+
+def _fake_cifar10(root, n_train=5200, n_test=200):
+    """torchvision's CIFAR-10 python layout with random images: 5 train batches, a test batch, the meta file. 5,200
+    train images, because the val hold-out is 5,000 (stratified), leaving 20 per class for training."""
+    import pickle
+    import numpy as np
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(name, n):
+        labels = [i % 10 for i in range(n)]
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        data[:, :1024] = np.array(labels, dtype=np.uint8)[:, None] * 25  # a learnable cue in the red channel
+        with open(folder / name, 'wb') as f:
+            pickle.dump({'data': data, 'labels': labels}, f)
+
+    for i in range(1, 6):
+        batch(f'data_batch_{i}', n_train // 5)
+    batch('test_batch', n_test)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': list('abcdefghij')}, f)
+    return root
+
+
+def test_same_command_runs_on_a_cifar10_folder(tmp_path):
+    data_dir = _fake_cifar10(tmp_path / 'data')
+    out = tmp_path / 'runs'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', CIFAR_RUN, '--dataset', 'cifar10', '--data-dir', str(data_dir),
+                        '--model', 'resnet20', '--img-size', '8', '--train-base', '--base-epochs', '2', '--task',
+                        'binary', '--target-class', '0', '--epochs', '2', '--threads', '1', '--latency-iters', '1',
+                        '--output', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / '001' / 'report.json').read_text())
+    assert rep['dataset'] == 'cifar10' and rep['task'] == 'binary'
+    assert (rep['lr_mask'], rep['alpha'], rep['lr_head']) == (0.05, 1.0, 0.1)  # SeaM's ResNet20-CIFAR10 row
+    assert json.loads((out / '001' / 'args.json').read_text())['batch_size'] == 64  # SeaM's batch, not digits'
+    assert rep['extracted_max_abs_diff'] < 1e-5
