@@ -26,8 +26,8 @@ to exactly 0 and the masks then collapse) and lr_mask 0.05 for both models (meas
 
 --pretrained takes a checkpoint of this project (kind 'cifar_base') or a plain chenyaofo/pytorch-cifar-models state
 dict. Outputs in --output/NNN/: base.pt (with --train-base), masks.pt (kind 'seam_masks': full masked model state,
-weights + weight_mask/bias_mask/channel_mask + module_head), module.pt (kind 'seam_module': the extracted plain network, rebuilt
-by models.build_model(ckpt['model'])), report.json, TensorBoard events + log.jsonl.
+weights + weight_mask/bias_mask/channel_mask + module_head), module.pt (kind 'seam_module': the extracted plain
+network, rebuilt by models.build_model(ckpt['model'])), report.json, TensorBoard events + log.jsonl.
 """
 import argparse
 import copy
