@@ -224,7 +224,8 @@ def main():
         for q in masks + list(head.parameters()):
             q.requires_grad_(True)
         optim_h = torch.optim.Adam(head.parameters(), args.lr_head)
-        optim_hm = torch.optim.Adam([{'params': masks, 'lr': lr_mask}, {'params': head.parameters(), 'lr': args.lr_head}])
+        optim_hm = torch.optim.Adam([{'params': masks, 'lr': lr_mask},
+                                     {'params': head.parameters(), 'lr': args.lr_head}])
         trainable = lambda: {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
         best, fallback, stall, armed = None, None, 0, False
         for ep in range(args.epochs):
@@ -305,8 +306,9 @@ def main():
                      'labels': ['target', 'other'] if args.task == 'binary' else [str(c) for c in classes]},
                     os.path.join(run_dir, 'module.pt'))
     x1 = x[:1]
+    nets = {'original': base, 'extracted': module}
     lat = {f'{name}_b{bs}_ms': ms for bs in (1, 64)
-           for name, ms in latencies({'original': base, 'extracted': module}, bs, args.img_size, args.latency_iters).items()}
+           for name, ms in latencies(nets, bs, args.img_size, args.latency_iters).items()}
     report = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, lr_mask=lr_mask,
                   lr_head=args.lr_head,
                   alpha=alpha, mask_granularity=args.mask_granularity, selected=sel, minutes=minutes,
@@ -355,9 +357,14 @@ def load_base(base, args, nc):
 def output_pixels(model, img_size, dev):
     """{masked layer name: output pixels per image} (1 for linear layers): the multiply-adds of one weight."""
     pix, hooks = {}, []
+
+    def record(name):
+        def hook(mod, inp, out):
+            pix[name] = out.shape[-1] * out.shape[-2] if out.dim() == 4 else 1
+        return hook
+
     for name, m in masked_layers(model):
-        hooks.append(m.register_forward_hook(
-            lambda mod, inp, out, name=name: pix.__setitem__(name, out.shape[-1] * out.shape[-2] if out.dim() == 4 else 1)))
+        hooks.append(m.register_forward_hook(record(name)))
     with torch.no_grad():
         model(torch.zeros(1, 3, img_size, img_size, device=dev))
     for h in hooks:
