@@ -217,8 +217,7 @@ def main():
         """SeaM's search: returns the selected epoch's record; model holds the selected masks + head. The selection
         (and the penalty) use the kept-weight ratio, or the kept multiply-add ratio with --penalty flops."""
         cost = output_pixels(model, args.img_size, dev) if args.penalty == 'flops' else None
-        masks = list({id(q): q for _, m in masked_layers(model) for n, q in m.named_parameters()
-                      if n.endswith('_mask')}.values())  # tied stream gates appear once
+        masks = [q for n, q in model.named_parameters() if n.endswith('_mask')]  # a tied gate is listed once
         for q in model.parameters():
             q.requires_grad_(False)
         for q in masks + list(head.parameters()):
@@ -281,10 +280,7 @@ def main():
     model = build_model(cfg).to(dev)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(m.startswith('module_head') for m in missing), (missing, unexpected)
-    for _, m in [(n, m) for n, m in model.named_modules() if hasattr(m, 'enable_masks')]:
-        m.enable_masks(args.mask_granularity)
-    if args.mask_granularity != 'weight' and hasattr(model, 'tie_stream_masks'):
-        model.tie_stream_masks()  # one gate per residual-stream channel and stage, so stream channels can go
+    add_masks(model, args.mask_granularity)
     print(f'task {args.task} classes {classes}: original model val acc {orig_val:.2%}, test acc {orig_test:.2%}; '
           f'lr_mask {lr_mask} alpha {alpha}', flush=True)
     t0 = time.time()
@@ -305,6 +301,7 @@ def main():
                      'state_dict': module.state_dict(), 'classes': classes, 'task': args.task,
                      'labels': ['target', 'other'] if args.task == 'binary' else [str(c) for c in classes]},
                     os.path.join(run_dir, 'module.pt'))
+    dev = torch.device('cpu')  # evaluate() below scores the extracted module, which lives on the CPU
     x1 = x[:1]
     nets = {'original': base, 'extracted': module}
     lat = {f'{name}_b{bs}_ms': ms for bs in (1, 64)
@@ -352,6 +349,16 @@ def load_base(base, args, nc):
     except RuntimeError:
         raise UserError(f'{path} does not fit --model {args.model} with {nc} classes ({args.dataset}); pass the '
                         'matching --model/--dataset or another checkpoint') from None
+
+
+def add_masks(model, granularity, skip=None):
+    """Enable masks on every mask layer of ``model`` except the one named ``skip``; with channel gates, tie the
+    ResNet residual-stream gates per stage (so a stream channel can be removed from the whole stage)."""
+    for n, m in model.named_modules():
+        if hasattr(m, 'enable_masks') and n != skip:
+            m.enable_masks(granularity)
+    if granularity != 'weight' and hasattr(model, 'tie_stream_masks'):
+        model.tie_stream_masks()
 
 
 def output_pixels(model, img_size, dev):
@@ -405,11 +412,7 @@ def defect(args, base, base_cfg, classes, k, train_dl, val_dl, test_dl, evaluate
         q.requires_grad_(True)
     train_plain(step1, [{'params': out_layer(step1).parameters(), 'lr': 0.1}], train_dl, val_dl, args.ft_epochs,
                 'seam_step1', momentum=0.0, wd=1e-4)
-    for n, m in step1.named_modules():
-        if hasattr(m, 'enable_masks') and n != last:
-            m.enable_masks(args.mask_granularity)
-    if args.mask_granularity != 'weight' and hasattr(step1, 'tie_stream_masks'):
-        step1.tie_stream_masks()
+    add_masks(step1, args.mask_granularity, skip=last)
     sel = reengineer(step1, out_layer(step1), evaluate(step1, val_dl), 'seam_step2')
     kept, total = kept_counts(step1)
     masked = {}

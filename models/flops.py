@@ -146,9 +146,9 @@ def count_flops(model, example_input, nonzero_only=False):
 
 def count_params(model, nonzero_only=False):
     """Parameters of the network as deployed: every parameter element, except SeaM mask scores (``weight_mask`` /
-    ``bias_mask`` / ``channel_mask``: training-time selectors, not weights). For a layer with masks enabled, or for every parameter
-    when ``nonzero_only=True``, only nonzero effective entries (weight * (mask > 0)) count. Buffers (BatchNorm
-    statistics, the performer's fixed projection) are not parameters and are not counted."""
+    ``bias_mask`` / ``channel_mask``: training-time selectors, not weights). For a layer with masks enabled, or for
+    every parameter when ``nonzero_only=True``, only nonzero effective entries (weight * (mask > 0)) count. Buffers
+    (BatchNorm statistics, the performer's fixed projection) are not parameters and are not counted."""
     total, seen = 0, set()
     with torch.no_grad():
         for m in model.modules():
