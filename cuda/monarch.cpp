@@ -296,9 +296,7 @@ T* scratch(Slot slot, int64_t n) {
 }
 
 // ---------------------------------------------------------------- Monarch
-struct Dims {
-  int64_t B, K, P, Q, L, S, R;
-};
+using plan::Dims;  // B tokens; w1 (K, Q, P); w2 (L, S, R)
 
 constexpr int64_t kTile = 128;  // token rows per tile: a tile's h (128 x K*Q) stays in L2
 
@@ -553,7 +551,7 @@ std::string cpu_isa() { return kIsaNames[isa()]; }
 // GEMMs: lets a CPU test execute the CUDA launch plan by emulation.
 std::vector<int64_t> cuda_plan(std::vector<int64_t> dims) {
   TORCH_CHECK(dims.size() == 7, "_cuda_plan: dims must be [B, K, P, Q, L, S, R]");
-  const plan::Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
   plan::Gemm g[6];
   g[0] = plan::stage1(d);
   g[1] = plan::stage2(d);
