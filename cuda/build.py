@@ -1,8 +1,9 @@
 """Lazy, cached build of the monarch_seam C++/CUDA extensions.
 
 Two separate `torch.utils.cpp_extension.load` targets:
-  * `monarch_seam_cpu`  <- cuda/monarch.cpp (op schemas + CPU kernels; never needs nvcc)
-    (both include cuda/monarch_plan.h, the CUDA op's GEMM plan)
+  * `monarch_seam_cpu`  <- cuda/monarch.cpp (op schemas + CPU Monarch) + cuda/butterfly_cpu.cpp
+    (fused CPU butterfly); never needs nvcc
+    (monarch.cpp and the CUDA sources include cuda/monarch_plan.h, the CUDA op's GEMM plan)
   * `monarch_seam_cuda` <- cuda/monarch_cuda.cu + cuda/butterfly_cuda.cu (CUDA kernels),
     built only when a CUDA toolkit is found and torch has CUDA.
 Each goes into `$MONARCH_SEAM_EXT_DIR/<hash>` or `~/.cache/monarch_seam_ext/<hash>`, where the
@@ -26,9 +27,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CPU_SOURCES = [HERE / "monarch.cpp"]
+CPU_SOURCES = [HERE / "monarch.cpp", HERE / "butterfly_cpu.cpp"]
 CUDA_SOURCES = [HERE / "monarch_cuda.cu", HERE / "butterfly_cuda.cu"]
-HEADERS = [HERE / "monarch_plan.h"]  # included by both; part of every build hash
+HEADERS = [HERE / "monarch_plan.h", HERE / "cpu_isa.h"]  # included by the sources; part of every build hash
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3"]

@@ -19,7 +19,7 @@
 // baseline SSE2: 4x12 / 4x6); the best one the CPU supports is chosen at load time
 // (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests). No BLAS is called.
 //
-// Butterfly: twiddle (nstacks, nblocks, log_n, n/2, 2, 2), x (batch, nstacks, n).
+// The butterfly ops (schemas below) are implemented in cuda/butterfly_cpu.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "monarch_plan.h"
 
 namespace monarch_seam {
@@ -101,30 +102,6 @@ MONARCH_SEAM_UK(uk_f64_avx2, double, __attribute__((target("avx2,fma"))), 32, 4)
 MONARCH_SEAM_UK(uk_f32_base, float, , 16, 4)                                        // 4 x 12 floats (SSE2)
 MONARCH_SEAM_UK(uk_f64_base, double, , 16, 4)                                       // 4 x 6 doubles
 #undef MONARCH_SEAM_UK
-
-enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-const char* kIsaNames[] = {"base", "avx2", "avx512"};
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  Isa best = __builtin_cpu_supports("avx512f")                                  ? kAvx512
-             : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kAvx2
-                                                                                  : kBase;
-  const char* env = std::getenv("MONARCH_SEAM_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  for (int i = 0; i < 3; ++i)
-    if (std::string(env) == kIsaNames[i]) {
-      TORCH_CHECK(i <= best, "MONARCH_SEAM_CPU_ISA=", env, " but this CPU supports at most ",
-                  kIsaNames[best]);
-      return Isa(i);
-    }
-  TORCH_CHECK(false, "MONARCH_SEAM_CPU_ISA must be avx512, avx2 or base, got ", env);
-}
-
-Isa isa() {
-  static const Isa v = detect_isa();
-  return v;
-}
 
 template <class T>
 struct Engine {
@@ -544,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cpu(const at::Tensor&
   return {dx, dw1, dw2};
 }
 
-std::string cpu_isa() { return kIsaNames[isa()]; }
+std::string cpu_isa() { return isa_name(isa()); }
 
 // The CUDA op's GEMM plan (cuda/monarch_plan.h) for dims [B, K, P, Q, L, S, R], flattened as 19 ints per
 // GEMM (a, b, c, batch, M, N, Kd, A view, B view, C map) for stage 1, stage 2 and the four backward
@@ -562,123 +539,6 @@ std::vector<int64_t> cuda_plan(std::vector<int64_t> dims) {
                       e.bv.bs, e.bv.rs, e.bv.cs, e.cv.bs, e.cv.rs, e.cv.cs, e.cv.pq, e.cv.pl, e.cv.plane})
       out.push_back(v);
   return out;
-}
-
-// ---------------------------------------------------------------- butterfly
-struct BDims {
-  int64_t batch, nstacks, nblocks, log_n, n;
-};
-
-BDims bcheck(const at::Tensor& tw, const at::Tensor& x) {
-  TORCH_CHECK(tw.dim() == 6 && tw.size(4) == 2 && tw.size(5) == 2,
-              "butterfly: twiddle must be (nstacks, nblocks, log_n, n/2, 2, 2), got ", tw.sizes());
-  TORCH_CHECK(x.dim() == 3, "butterfly: x must be (batch, nstacks, n), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == tw.scalar_type(), "butterfly: x and twiddle dtypes differ");
-  BDims d{x.size(0), x.size(1), tw.size(1), tw.size(2), x.size(2)};
-  TORCH_CHECK(tw.size(0) == d.nstacks, "butterfly: nstacks mismatch");
-  TORCH_CHECK(d.log_n < 31 && (int64_t(1) << d.log_n) == d.n && tw.size(3) == d.n / 2,
-              "butterfly: n must be 2**log_n with twiddle.size(3) == n/2");
-  return d;
-}
-
-// stride of factor f (flattened over blocks) for the given starting direction
-inline int64_t bstride(const BDims& d, int64_t f, bool inc) {
-  const int64_t blk = f / d.log_n, idx = f % d.log_n;
-  const bool up = (blk % 2 == 0) ? inc : !inc;
-  return int64_t(1) << (up ? idx : d.log_n - 1 - idx);
-}
-
-template <typename T>
-void bfly_apply(const BDims& d, const T* t, const T* in, T* out, int64_t st) {
-  for (int64_t j = 0; j < d.n / 2; ++j) {
-    const int64_t i0 = (j / st) * 2 * st + j % st, i1 = i0 + st;
-    const T a = in[i0], b = in[i1];
-    const T* tj = t + 4 * j;
-    out[i0] = tj[0] * a + tj[1] * b;
-    out[i1] = tj[2] * a + tj[3] * b;
-  }
-}
-
-at::Tensor butterfly_fwd_cpu(const at::Tensor& tw_, const at::Tensor& x_, bool inc) {
-  BDims d = bcheck(tw_, x_);
-  auto tw = tw_.contiguous(), x = x_.contiguous();
-  auto out = at::empty_like(x);
-  const int64_t nf = d.nblocks * d.log_n, tstack = nf * d.n * 2;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "butterfly_fwd_cpu", [&] {
-    const scalar_t* T = tw.data_ptr<scalar_t>();
-    const scalar_t* X = x.data_ptr<scalar_t>();
-    scalar_t* O = out.data_ptr<scalar_t>();
-    at::parallel_for(0, d.batch * d.nstacks, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<scalar_t> buf(d.n);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t stk = row % d.nstacks;
-        scalar_t* o = O + row * d.n;
-        std::copy_n(X + row * d.n, d.n, o);
-        for (int64_t f = 0; f < nf; ++f) {
-          bfly_apply(d, T + stk * tstack + f * d.n * 2, o, buf.data(), bstride(d, f, inc));
-          std::copy(buf.begin(), buf.end(), o);
-        }
-      }
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> butterfly_bwd_cpu(const at::Tensor& g_, const at::Tensor& tw_,
-                                                     const at::Tensor& x_, bool inc) {
-  BDims d = bcheck(tw_, x_);
-  TORCH_CHECK(g_.sizes() == x_.sizes(), "butterfly_bwd: grad must have x's shape");
-  auto tw = tw_.contiguous(), x = x_.contiguous(), g = g_.to(x_.scalar_type()).contiguous();
-  auto dx = at::empty_like(x);
-  auto dtw = at::zeros_like(tw);
-  const int64_t nf = d.nblocks * d.log_n, tstack = nf * d.n * 2, rows = d.batch * d.nstacks;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "butterfly_bwd_cpu", [&] {
-    using T = scalar_t;
-    const T* TW = tw.data_ptr<T>();
-    const T* X = x.data_ptr<T>();
-    const T* G = g.data_ptr<T>();
-    T* DX = dx.data_ptr<T>();
-    // rows in nch contiguous chunks, one twiddle-gradient accumulator each (no thread-id bookkeeping)
-    const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-    const int64_t per_ch = (rows + nch - 1) / nch;
-    std::vector<T> acc((size_t)(nch * tw.numel()), T(0));
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> acts((nf + 1) * d.n), gb(d.n), gn(d.n);
-      for (int64_t c = c0; c < c1; ++c) {
-        T* A = acc.data() + c * tw.numel();
-        for (int64_t row = c * per_ch; row < std::min(rows, (c + 1) * per_ch); ++row) {
-          const int64_t stk = row % d.nstacks;
-          std::copy_n(X + row * d.n, d.n, acts.data());
-          for (int64_t f = 0; f < nf; ++f)
-            bfly_apply(d, TW + stk * tstack + f * d.n * 2, acts.data() + f * d.n,
-                       acts.data() + (f + 1) * d.n, bstride(d, f, inc));
-          std::copy_n(G + row * d.n, d.n, gb.data());
-          for (int64_t f = nf - 1; f >= 0; --f) {
-            const int64_t st = bstride(d, f, inc);
-            const T* t = TW + stk * tstack + f * d.n * 2;
-            T* dt = A + stk * tstack + f * d.n * 2;
-            const T* in = acts.data() + f * d.n;
-            for (int64_t j = 0; j < d.n / 2; ++j) {
-              const int64_t i0 = (j / st) * 2 * st + j % st, i1 = i0 + st;
-              const T g0 = gb[i0], g1 = gb[i1], a = in[i0], b = in[i1];
-              dt[4 * j + 0] += g0 * a;
-              dt[4 * j + 1] += g0 * b;
-              dt[4 * j + 2] += g1 * a;
-              dt[4 * j + 3] += g1 * b;
-              gn[i0] = t[4 * j + 0] * g0 + t[4 * j + 2] * g1;
-              gn[i1] = t[4 * j + 1] * g0 + t[4 * j + 3] * g1;
-            }
-            std::swap(gb, gn);
-          }
-          std::copy(gb.begin(), gb.end(), DX + row * d.n);
-        }
-      }
-    });
-    T* D = dtw.data_ptr<T>();
-    for (int64_t c = 0; c < nch; ++c)
-      for (int64_t i = 0; i < tw.numel(); ++i) D[i] += acc[c * tw.numel() + i];
-  });
-  return {dtw, dx};
 }
 
 }  // namespace
@@ -700,8 +560,6 @@ TORCH_LIBRARY_IMPL(monarch_seam, CPU, m) {
   m.impl("monarch_fwd", &monarch_fwd_cpu);
   m.impl("monarch_fwd_h", &monarch_fwd_h_cpu);
   m.impl("monarch_bwd", &monarch_bwd_cpu);
-  m.impl("butterfly_fwd", &butterfly_fwd_cpu);
-  m.impl("butterfly_bwd", &butterfly_bwd_cpu);
 }
 
 }  // namespace monarch_seam
