@@ -120,6 +120,11 @@ def _once(name, fn):
         return _state[name]
 
 
+def cpu_build_dir():
+    """The CPU extension's build folder (per source hash); the CPU route decisions are kept there."""
+    return _build_dir("monarch_seam_cpu", CPU_SOURCES, dict(extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS))
+
+
 def load_cpu():
     """Build/load the CPU extension (op schemas + CPU kernels). Returns (ok, error_text)."""
     return _once("monarch_seam_cpu", lambda: _load(

@@ -25,6 +25,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <unistd.h>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -430,21 +436,43 @@ bool native(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// Below this many token rows the packing of the weights (one pass over them per call) costs more than
-// the product itself, so the op runs the two-bmm algorithm through ATen instead (its small-matrix
-// GEMMs read the weights in place). MONARCH_SEAM_CPU_SMALL_BATCH overrides the threshold (tests use it
-// to run both paths on the same inputs).
-int64_t small_batch() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("MONARCH_SEAM_CPU_SMALL_BATCH");
-    return env && *env ? std::atoll(env) : int64_t(64);
-  }();
-  return v;
+// ---------------------------------------------------------------- routes
+// Three implementations of each direction compute the same product (h is saved in the natural layout
+// (B*K*Q,) by all of them, so the forward and backward routes are chosen independently):
+//   engine: the packed-GEMM engine above (permutations fused into its packing);
+//   aten:   the two-bmm algorithm of the reference, through ATen (no packing: cheapest for few rows);
+//   blas:   one call of the BLAS that torch ships (ATen mm on strided views) per sub-product: stage 1 reads
+//           x in place and, split by output group, writes its columns straight into the (L, B, R) operand
+//           of stage 2; stage 2 is computed transposed, so its output rows land at stride L, and one
+//           blocked transpose makes the output. Fastest where that BLAS is (e.g. MKL on Intel CPUs).
+enum Route { kEngine = 0, kAten = 1, kBlas = 2, kNumRoutes = 3 };
+const char* kRouteNames[] = {"engine", "aten", "blas"};
+
+std::tuple<at::Tensor, at::Tensor> fwd_engine(const Dims& d, const at::Tensor& x, const at::Tensor& w1,
+                                              const at::Tensor& w2, bool keep_h) {
+  auto out = at::empty({d.B, d.L * d.S}, x.options());
+  auto h = at::empty({keep_h ? d.B * d.K * d.Q : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "monarch_fwd_cpu", [&] {
+    fwd_impl<scalar_t>(d, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), keep_h ? h.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, h};
 }
 
-// The ATen path (same layouts as the engine path: h natural (B*K*Q,), out[b, s*L + l]).
-std::tuple<at::Tensor, at::Tensor> fwd_small(const Dims& d, const at::Tensor& x, const at::Tensor& w1,
-                                             const at::Tensor& w2, bool keep_h) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_engine(const Dims& d, const at::Tensor& g, const at::Tensor& x,
+                                                          const at::Tensor& w1, const at::Tensor& w2,
+                                                          const at::Tensor& h) {
+  auto dx = at::empty_like(x), dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "monarch_bwd_cpu", [&] {
+    bwd_impl<scalar_t>(d, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(),
+                       w2.data_ptr<scalar_t>(), h.defined() ? h.data_ptr<scalar_t>() : nullptr,
+                       dx.data_ptr<scalar_t>(), dw1.data_ptr<scalar_t>(), dw2.data_ptr<scalar_t>());
+  });
+  return {dx, dw1, dw2};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_aten(const Dims& d, const at::Tensor& x, const at::Tensor& w1,
+                                            const at::Tensor& w2, bool keep_h) {
   auto h = at::bmm(x.view({d.B, d.K, d.P}).transpose(0, 1), w1.transpose(1, 2));  // (K, B, Q)
   auto hn = h.transpose(0, 1).reshape({d.B, d.K * d.Q});                           // natural layout
   auto o = at::bmm(hn.view({d.B, d.R, d.L}).permute({2, 0, 1}), w2.transpose(1, 2));  // (L, B, S)
@@ -452,11 +480,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_small(const Dims& d, const at::Tensor& x,
   return {out, keep_h ? hn.reshape({-1}) : at::empty({0}, x.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_small(const Dims& d, const at::Tensor& g, const at::Tensor& x,
-                                                         const at::Tensor& w1, const at::Tensor& w2,
-                                                         at::Tensor hn) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_aten(const Dims& d, const at::Tensor& g, const at::Tensor& x,
+                                                        const at::Tensor& w1, const at::Tensor& w2, at::Tensor hn) {
   if (!hn.defined())
     hn = at::bmm(x.view({d.B, d.K, d.P}).transpose(0, 1), w1.transpose(1, 2)).transpose(0, 1).reshape({d.B, -1});
+  hn = hn.view({d.B, -1});
   auto gp = g.view({d.B, d.S, d.L}).permute({2, 0, 1});  // (L, B, S)
   auto hp = hn.view({d.B, d.R, d.L}).permute({2, 0, 1});  // (L, B, R)
   auto dS = at::bmm(gp, w2);                              // (L, B, R)
@@ -468,6 +496,253 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_small(const Dims& d, const at
   return {dx, dw1, dw2};
 }
 
+// out (a strided view, usually) = a @ b through ATen's mm, i.e. the BLAS that torch ships; ATen calls the
+// BLAS on the view in place when one of its strides is 1 (every view below is made so).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// Stage 1 split by output group: rows q of w1[k] with (k*Q + q) % L == l are every L-th row from
+// q0 = (l - k*Q) mod L, and their intermediate indices r = (k*Q + q) / L are consecutive, so each
+// (k, l) sub-product writes a contiguous column range of h2[l] (h2: (L, B, R), h2[l, b, r] = h[b, r*L + l]).
+at::Tensor stage1_split(const Dims& d, const at::Tensor& x, const at::Tensor& w1) {
+  auto h2 = at::empty({d.L, d.B, d.R}, x.options());
+  for (int64_t k = 0; k < d.K; ++k) {
+    auto xk = x.narrow(1, k * d.P, d.P);  // (B, P), row stride K*P: read in place
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t q0 = ((l - k * d.Q) % d.L + d.L) % d.L;
+      if (q0 >= d.Q) continue;
+      const int64_t n = (d.Q - q0 + d.L - 1) / d.L, r0 = (k * d.Q + q0) / d.L;
+      mm_into(h2.select(0, l).narrow(1, r0, n), xk, w1.select(0, k).slice(0, q0, d.Q, d.L).t());
+    }
+  }
+  return h2;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_blas(const Dims& d, const at::Tensor& x, const at::Tensor& w1,
+                                            const at::Tensor& w2, bool keep_h) {
+  at::Tensor h2, hn;
+  if (keep_h) {  // natural h for backward: K block products (wide), then one permuting copy
+    hn = at::empty({d.B, d.K * d.Q}, x.options());
+    for (int64_t k = 0; k < d.K; ++k)
+      mm_into(hn.narrow(1, k * d.Q, d.Q), x.narrow(1, k * d.P, d.P), w1.select(0, k).t());
+    h2 = hn.view({d.B, d.R, d.L}).permute({2, 0, 1}).contiguous();
+  } else {
+    h2 = stage1_split(d, x, w1);
+  }
+  // z[s, l, b] = out[b, s*L + l]: block l is w2[l] (S x R) @ h2[l]^T (R x B), rows at stride L*B
+  auto z = at::empty({d.S, d.L, d.B}, x.options());
+  for (int64_t l = 0; l < d.L; ++l) mm_into(z.select(1, l), w2.select(0, l), h2.select(0, l).t());
+  auto out = z.view({d.S * d.L, d.B}).t().contiguous();
+  return {out, keep_h ? hn.view({-1}) : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(const Dims& d, const at::Tensor& g, const at::Tensor& x,
+                                                        const at::Tensor& w1, const at::Tensor& w2,
+                                                        const at::Tensor& hn) {
+  auto h2 = hn.defined() ? hn.view({d.B, d.R, d.L}).permute({2, 0, 1}).contiguous() : stage1_split(d, x, w1);
+  auto gt = g.t().contiguous().view({d.S, d.L, d.B});  // gt[s, l, b] = g[b, s*L + l]
+  auto dw2 = at::empty_like(w2);
+  auto dh2 = at::empty({d.L, d.B, d.R}, x.options());
+  for (int64_t l = 0; l < d.L; ++l) {
+    auto gl = gt.select(1, l);  // (S, B)
+    mm_into(dw2.select(0, l), gl, h2.select(0, l));
+    mm_into(dh2.select(0, l), gl.t(), w2.select(0, l));
+  }
+  auto dh = dh2.permute({1, 2, 0}).reshape({d.B, d.K * d.Q});  // natural layout (one copy)
+  auto dx = at::empty_like(x), dw1 = at::empty_like(w1);
+  for (int64_t k = 0; k < d.K; ++k) {
+    auto dk = dh.narrow(1, k * d.Q, d.Q);
+    mm_into(dx.narrow(1, k * d.P, d.P), dk, w1.select(0, k));
+    mm_into(dw1.select(0, k), dk.t(), x.narrow(1, k * d.P, d.P));
+  }
+  return {dx, dw1, dw2};
+}
+
+// ---------------------------------------------------------------- route choice
+// Each call picks its route from the shape: MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one; products
+// under kTuneFlops use aten (fixed costs dominate there); otherwise the first call for a shape key (direction,
+// K, P, Q, L, S, R, dtype, threads and B rounded up to a power of two) times every route on its real inputs
+// (a warm-up and the best of two runs each) and keeps the fastest. Decisions are stored in a small text file
+// beside the build (set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides), whose first line names
+// the CPU model and ISA: a file from another CPU, or one with a damaged line, is ignored with one warning and
+// rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
+constexpr double kTuneFlops = 4e6;
+
+const char* kTuneHeader = "monarch_seam cpu routes v1";
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      auto c = line.find(':');
+      if (c != std::string::npos) return line.substr(c + 2);
+    }
+  return "unknown cpu";
+}
+
+std::string tune_signature() { return cpu_model() + "|" + isa_name(isa()); }
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+struct Tuner {
+  std::mutex mu;
+  std::map<std::string, int> table;
+  std::string file;
+  bool loaded = false;
+  bool forced_checked = false;
+  int forced = -1;
+
+  std::string path() {
+    const char* env = std::getenv("MONARCH_SEAM_TUNE_FILE");
+    return env && *env ? std::string(env) : file;
+  }
+
+  void load() {  // under mu
+    if (loaded) return;
+    loaded = true;
+    const std::string p = path();
+    if (p.empty()) return;
+    std::ifstream f(p);
+    if (!f) return;  // no file yet
+    std::string line, problem;
+    std::map<std::string, int> got;
+    if (!std::getline(f, line) || line != std::string(kTuneHeader) + "\t" + tune_signature()) {
+      problem = "it was written for another CPU or format (" + line.substr(0, 120) + ")";
+    } else {
+      while (std::getline(f, line)) {
+        std::istringstream ls(line);
+        std::string key, route, hash;
+        if (!(std::getline(ls, key, '\t') && std::getline(ls, route, '\t') && std::getline(ls, hash))) {
+          problem = "a line is malformed";
+          break;
+        }
+        int r = -1;
+        for (int i = 0; i < kNumRoutes; ++i)
+          if (route == kRouteNames[i]) r = i;
+        std::ostringstream hs;
+        hs << std::hex << fnv1a(key + "\t" + route);
+        if (r < 0 || hs.str() != hash) {
+          problem = "a line fails its check";
+          break;
+        }
+        got[key] = r;
+      }
+    }
+    if (!problem.empty()) {
+      TORCH_WARN("monarch_seam: ignoring the CPU route cache ", p, ": ", problem,
+                 "; routes are measured again and the file is rewritten");
+      return;
+    }
+    table = got;
+  }
+
+  void save() {  // under mu; whole file, written to a temporary and renamed
+    const std::string p = path();
+    if (p.empty()) return;
+    const std::string tmp = p + ".tmp" + std::to_string(getpid());
+    {
+      std::ofstream f(tmp, std::ios::trunc);
+      if (!f) return;  // read-only location: decisions stay in memory
+      f << kTuneHeader << "\t" << tune_signature() << "\n";
+      for (const auto& kv : table) {
+        const std::string body = kv.first + "\t" + kRouteNames[kv.second];
+        f << body << "\t" << std::hex << fnv1a(body) << std::dec << "\n";
+      }
+      if (!f) return;
+    }
+    std::rename(tmp.c_str(), p.c_str());
+  }
+
+  int forced_route() {
+    if (!forced_checked) {
+      forced_checked = true;
+      const char* env = std::getenv("MONARCH_SEAM_CPU_ROUTE");
+      if (env && *env && std::string(env) != "auto") {
+        for (int i = 0; i < kNumRoutes; ++i)
+          if (std::string(env) == kRouteNames[i]) forced = i;
+        TORCH_CHECK(forced >= 0, "MONARCH_SEAM_CPU_ROUTE must be auto, engine, aten or blas, got ", env);
+      }
+    }
+    return forced;
+  }
+};
+
+Tuner& tuner() {
+  static Tuner t;
+  return t;
+}
+
+std::string route_key(const char* dir, const Dims& d, at::ScalarType st) {
+  int64_t b = 1;
+  while (b < d.B) b *= 2;
+  std::ostringstream k;
+  k << dir << " B<=" << b << " K" << d.K << " P" << d.P << " Q" << d.Q << " L" << d.L << " S" << d.S << " R"
+    << d.R << " " << c10::toString(st) << " t" << at::get_num_threads();
+  return k.str();
+}
+
+// The route for this call; run(route) executes one route (used to time them on the first call of a key).
+template <class F>
+int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
+  Tuner& t = tuner();
+  {
+    std::lock_guard<std::mutex> g(t.mu);
+    const int forced = t.forced_route();
+    if (forced >= 0) return forced;
+  }
+  const double flops = 2.0 * d.B * (d.K * d.Q * d.P + d.L * d.S * d.R);
+  if (flops < kTuneFlops) return kAten;
+  const std::string key = route_key(dir, d, st);
+  {
+    std::lock_guard<std::mutex> g(t.mu);
+    t.load();
+    auto it = t.table.find(key);
+    if (it != t.table.end()) return it->second;
+  }
+  int best = kEngine;
+  double best_s = 1e300;
+  for (int r = 0; r < kNumRoutes; ++r) {
+    run(r);  // warm-up: first-touch allocations, BLAS/thread-pool start
+    double s = 1e300;
+    for (int rep = 0; rep < 2; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(r);
+      s = std::min(s, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    if (s < best_s) {
+      best_s = s;
+      best = r;
+    }
+  }
+  std::lock_guard<std::mutex> g(t.mu);
+  t.table[key] = best;
+  t.save();
+  return best;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_route(int r, const Dims& d, const at::Tensor& x, const at::Tensor& w1,
+                                             const at::Tensor& w2, bool keep_h) {
+  switch (r) {
+    case kEngine: return fwd_engine(d, x, w1, w2, keep_h);
+    case kAten: return fwd_aten(d, x, w1, w2, keep_h);
+    default: return fwd_blas(d, x, w1, w2, keep_h);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_route(int r, const Dims& d, const at::Tensor& g,
+                                                         const at::Tensor& x, const at::Tensor& w1,
+                                                         const at::Tensor& w2, const at::Tensor& h) {
+  switch (r) {
+    case kEngine: return bwd_engine(d, g, x, w1, w2, h);
+    case kAten: return bwd_aten(d, g, x, w1, w2, h);
+    default: return bwd_blas(d, g, x, w1, w2, h);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_h_cpu(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& w2_,
                                              bool keep_h) {
   Dims d = check(x_, w1_, w2_);
@@ -476,14 +751,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_h_cpu(const at::Tensor& x_, const at::Ten
     return {std::get<0>(r).to(x_.scalar_type()), std::get<1>(r).to(x_.scalar_type())};
   }
   auto x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  if (d.B < small_batch()) return fwd_small(d, x, w1, w2, keep_h);
-  auto out = at::empty({d.B, d.L * d.S}, x.options());
-  auto h = at::empty({keep_h ? d.B * d.K * d.Q : 0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "monarch_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(d, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
-                       out.data_ptr<scalar_t>(), keep_h ? h.data_ptr<scalar_t>() : nullptr);
-  });
-  return {out, h};
+  if (d.B == 0) return fwd_aten(d, x, w1, w2, keep_h);
+  const int r = pick_route(keep_h ? "fwd_h" : "fwd", d, x.scalar_type(),
+                           [&](int rr) { fwd_route(rr, d, x, w1, w2, keep_h); });
+  return fwd_route(r, d, x, w1, w2, keep_h);
 }
 
 at::Tensor monarch_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
@@ -511,14 +782,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd_cpu(const at::Tensor&
   auto g = g_.to(x_.scalar_type()).contiguous(), x = x_.contiguous(), w1 = w1_.contiguous(),
        w2 = w2_.contiguous();
   at::Tensor h = use_h ? h_->to(x_.scalar_type()).contiguous() : at::Tensor();
-  if (d.B < small_batch()) return bwd_small(d, g, x, w1, w2, use_h ? h.view({d.B, -1}) : at::Tensor());
-  auto dx = at::empty_like(x), dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "monarch_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(d, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(),
-                       w2.data_ptr<scalar_t>(), use_h ? h.data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(),
-                       dw1.data_ptr<scalar_t>(), dw2.data_ptr<scalar_t>());
-  });
-  return {dx, dw1, dw2};
+  if (d.B == 0) return bwd_aten(d, g, x, w1, w2, h);
+  const int r = pick_route(use_h ? "bwd_h" : "bwd", d, x.scalar_type(),
+                           [&](int rr) { bwd_route(rr, d, g, x, w1, w2, h); });
+  return bwd_route(r, d, g, x, w1, w2, h);
+}
+
+// The route a call with these dims would take if already decided ("" when not yet measured).
+std::string cpu_route(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st) {
+  TORCH_CHECK(dims.size() == 7, "cpu_route: dims must be [B, K, P, Q, L, S, R]");
+  Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  Tuner& t = tuner();
+  std::lock_guard<std::mutex> g(t.mu);
+  const int forced = t.forced_route();
+  if (forced >= 0) return kRouteNames[forced];
+  if (2.0 * d.B * (d.K * d.Q * d.P + d.L * d.S * d.R) < kTuneFlops) return kRouteNames[kAten];
+  t.load();
+  auto it = t.table.find(route_key(dir.c_str(), d, st));
+  return it == t.table.end() ? std::string() : std::string(kRouteNames[it->second]);
+}
+
+void set_tune_file(const std::string& path) {
+  Tuner& t = tuner();
+  std::lock_guard<std::mutex> g(t.mu);
+  t.file = path;
+  t.loaded = false;
+  t.table.clear();
 }
 
 std::string cpu_isa() { return isa_name(isa()); }
@@ -552,6 +841,10 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("butterfly_bwd(Tensor grad, Tensor twiddle, Tensor x, bool increasing_stride) -> (Tensor, Tensor)");
   // which register kernel the CPU ops use: "avx512", "avx2" or "base"
   m.def("cpu_isa() -> str", &cpu_isa);
+  // the CPU Monarch route chosen for a shape: dir in fwd, fwd_h, bwd, bwd_h; "" if not measured yet
+  m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
+  // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
+  m.def("_set_tune_file(str path) -> ()", &set_tune_file);
   // the CUDA GEMM plan, for a CPU emulation test (see cuda/monarch_plan.h)
   m.def("_cuda_plan(int[] dims) -> int[]", &cuda_plan);
 }

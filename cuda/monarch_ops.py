@@ -12,6 +12,8 @@ Same math as `layers.monarch.monarch_multiply_ref`. Ops (schemas in cuda/monarch
 Fake (meta) kernels and autograd formulas are registered here, so the ops work under
 `torch.compile(fullgraph=True)` and pass `torch.library.opcheck`.
 """
+import os
+
 import torch
 
 from cuda import build
@@ -60,6 +62,8 @@ def _register():
     ok, err = build.load_cpu()
     if not ok:
         raise RuntimeError(f"monarch_seam extension unavailable: {err}")
+    # the CPU op's per-shape route decisions (see "route choice" in cuda/monarch.cpp) live beside the build
+    torch.ops.monarch_seam._set_tune_file(os.path.join(build.cpu_build_dir(), "cpu_routes.txt"))
     lib = "monarch_seam::"
     torch.library.register_fake(lib + "monarch_fwd")(_fwd_fake)
     torch.library.register_fake(lib + "monarch_fwd_h")(_fwd_h_fake)
