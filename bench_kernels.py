@@ -1,21 +1,27 @@
-"""Benchmark: dense F.linear vs Monarch (two-bmm reference and the compiled kernel) vs Butterfly.
+"""Benchmark: dense (F.linear and oneDNN) vs Monarch (two-bmm reference and the compiled kernel) vs Butterfly.
 
 For each case (tokens, in -> out, nblocks) and dtype it times forward and forward+backward with
-torch.utils.benchmark (warm-up, then blocked runs; the median is reported) and prints time,
-achieved GFLOP/s, speedup over dense, the FLOP ratio dense/Monarch and speedup / ratio.
+torch.utils.benchmark (warm-up, then blocked runs; the median is reported) and prints time, achieved
+GFLOP/s, the dense baseline, speedup over it, the FLOP ratio dense/Monarch and speedup / ratio. On the CPU
+it then times one training step of ViTAE-Tiny (224 px, batch 32) with dense and Monarch MLPs.
 
     python bench_kernels.py                          # default cases, CPU float32 (+ CUDA if present)
     python bench_kernels.py --device cpu --json runs/bench_cpu.json
     python bench_kernels.py --device cuda --dtypes float32 bfloat16 float16 --tensorboard runs/bench
     python bench_kernels.py --quick                  # small smoke run (seconds)
     python bench_kernels.py --device cpu --threads 1 --cpu-time   # shared machine: CPU time, 1 thread
-    python bench_kernels.py --cases 4096x768x3072x4 16384x1024x1024x4
+    python bench_kernels.py --cases 4096x768x3072x4 16384x1024x1024x4 --no-e2e
 
 A case is TOKENSxINxOUTxNBLOCKS. FLOPs come from MonarchLinear.flops / Butterfly.flops (no bias) and
 2*tokens*in*out for dense; forward+backward counts 3x the forward FLOPs. If the kernel cannot be built
-the script says why and benchmarks the rest. On CPU a forward-only `dense_onednn` row gives context:
-the same dense product through oneDNN, which uses AVX-512 where MKL (behind F.linear) may not (on AMD
-CPUs MKL runs its AVX2 path); compare GFLOP/s columns to separate "better GEMM" from "fewer FLOPs".
+the script says why and benchmarks the rest.
+
+The dense baseline of every measurement is the faster of F.linear (MKL, which takes its AVX2 code path on
+AMD CPUs) and the same layer through oneDNN (`dense_onednn`: torch's packed-weight linear, AVX-512 wherever
+the CPU has it); the `baseline` column names it and speedup / ratio is computed against it. The `route`
+column names the CPU route the Monarch kernel chose for the shape (see cuda/monarch.cpp, "route choice"):
+it is measured on the first call of a shape and cached; delete the cache file (cuda/build.cpu_build_dir(),
+cpu_routes.txt) to measure again on a quiet machine.
 """
 import argparse
 import json
@@ -76,6 +82,32 @@ def time_ms(fn, min_run_time, cpu_time=False):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def onednn_available():
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def onednn_dense(x, w, g):
+    """The same dense layer through oneDNN (torch's own packed-weight linear, the path torch.compile's CPU
+    backend uses), which runs AVX-512 wherever the CPU has it (MKL behind F.linear takes its AVX2 path on
+    AMD CPUs). Forward: the weight is packed once, outside the timing (inference). Forward+backward: a
+    training step changes the weight, so the packs are made inside the timing: y = x w^T, dx = g w,
+    dw = g^T x, each one oneDNN product."""
+    lin, pack = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+    tokens = x.shape[0]
+    wp = pack(w, tokens)
+
+    def fwd():
+        return lin(x, wp, None, "none", [], "")
+
+    def fwdbwd():
+        y = lin(x, pack(w, tokens), None, "none", [], "")
+        dx = lin(g, pack(w.t().contiguous(), tokens), None, "none", [], "")
+        dw = lin(g.t().contiguous(), pack(x.t().contiguous(), w.shape[0]), None, "none", [], "")
+        return y, dx, dw
+    return fwd, fwdbwd
+
+
 def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
     """name -> (forward fn, forward+backward fn, forward FLOPs)."""
     tokens, fin, fout, nb = case
@@ -100,12 +132,8 @@ def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
         return fwd, fwdbwd
 
     runners = {"dense": pair(lambda: F.linear(x, w), (x, w), gd) + (2 * tokens * fin * fout,)}
-    if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        # Context row, forward only: the same dense product through oneDNN (its own packed layout, made
-        # once outside the timing). F.linear runs MKL, which takes its AVX2 code path on AMD CPUs.
-        xo, wo = x.detach().to_mkldnn(), w.detach().to_mkldnn()
-        runners["dense_onednn"] = (lambda: torch._C._nn.mkldnn_linear(xo, wo, None), None,
-                                   2 * tokens * fin * fout)
+    if device == "cpu" and dtype == torch.float32 and onednn_available():
+        runners["dense_onednn"] = onednn_dense(x.detach(), w.detach(), gd) + (2 * tokens * fin * fout,)
     mflops = mon.flops(tokens)
     runners["monarch_ref"] = pair(lambda: monarch_multiply_ref(xm, w1, w2), (xm, w1, w2), gm) + (mflops,)
     if kernel_ok:
@@ -116,6 +144,60 @@ def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
         bf = Butterfly(fin, fout, bias=False, impl=impl, device=device, dtype=dtype)
         runners[f"butterfly_{impl}"] = pair(lambda: bf(x), (x, bf.twiddle), gd) + (bf.flops(tokens),)
     return runners
+
+
+def kernel_route(monarch_ops, case, mode):
+    """The CPU route(s) the compiled op took for this case: fwd, or fwd_h+bwd_h for a training step."""
+    tokens, fin, fout, nb = case
+    m = MonarchLinear(fin, fout, nb, bias=False, impl="ref")
+    (k, q, p), (l, s, r) = m.blkdiag1.shape, m.blkdiag2.shape
+    dims = [tokens, k, p, q, l, s, r]
+    if mode == "fwd":
+        return torch.ops.monarch_seam.cpu_route("fwd", dims, torch.float32)
+    return "+".join(torch.ops.monarch_seam.cpu_route(d, dims, torch.float32) for d in ("fwd_h", "bwd_h"))
+
+
+def end_to_end(args, kernel_ok, min_time):
+    """One training step (forward, backward, AdamW) of ViTAE-Tiny, 224 px, 1000 classes, on the CPU: dense
+    MLPs vs Monarch MLPs (nblocks 4) with the reference and with the kernel, beside the model-level FLOP
+    ratio (models/flops.py, one forward, everything the model computes: attention, convolutions, norms)."""
+    import timm
+
+    import models.vitae  # noqa: F401  (registers vitae_basic_* with timm)
+    from models.flops import count_flops
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.e2e_batch, 3, 224, 224, generator=gen)
+    y = torch.randint(0, 1000, (args.e2e_batch,), generator=gen)
+    variants = [("dense", "dense", "ref"), ("monarch_ref", "monarch", "ref")]
+    if kernel_ok:
+        variants.append(("monarch_kernel", "monarch", "kernel"))
+    print(f"\n== end to end: ViTAE-Tiny training step (fwd+bwd+AdamW), 224 px, batch {args.e2e_batch}, "
+          f"float32, threads {torch.get_num_threads()}")
+    print(f"{'model':>16} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} {'speedup':>8} {'FLOP ratio':>10} "
+          f"{'spd/ratio':>9}")
+    rows, base = [], None
+    for name, mlp, impl in variants:
+        torch.manual_seed(0)
+        model = timm.create_model("vitae_basic_tiny", pretrained=False, mlp=mlp, nblocks=4, impl=impl,
+                                  num_classes=1000, img_size=224)
+        flops = count_flops(model, x[:1])["per_image"]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        ms = time_ms(step, min_time)
+        if base is None:
+            base = (ms, flops)
+        row = dict(device="cpu", method=f"vitae_tiny_{name}", mode="train_step", batch=args.e2e_batch, ms=ms,
+                   images_per_s=args.e2e_batch / ms * 1e3, gflop_per_image=flops / 1e9, speedup=base[0] / ms,
+                   flop_ratio=base[1] / flops, frac_of_ratio=(base[0] / ms) / (base[1] / flops))
+        rows.append(row)
+        print(f"{name:>16} {ms:>9.1f} {row['images_per_s']:>9.2f} {flops / 1e9:>10.3f} {row['speedup']:>8.2f} "
+              f"{row['flop_ratio']:>10.2f} {row['frac_of_ratio']:>9.2f}", flush=True)
+        del model, opt
+    return rows
 
 
 def main():
@@ -131,6 +213,8 @@ def main():
                     help="CPU only: time with process CPU time instead of wall time (with --threads 1 this "
                          "is robust to other jobs sharing the cores; it also counts OpenMP spin time)")
     ap.add_argument("--quick", action="store_true", help="one small case, short timing (smoke test)")
+    ap.add_argument("--no-e2e", action="store_true", help="CPU: skip the end-to-end ViTAE-Tiny training-step rows")
+    ap.add_argument("--e2e-batch", type=int, default=32, help="batch of the end-to-end rows (default 32)")
     ap.add_argument("--json", default=None, help="write results + device/torch/CUDA versions here")
     ap.add_argument("--tensorboard", default=None, help="log results to this SummaryWriter folder")
     args = ap.parse_args()
@@ -139,6 +223,8 @@ def main():
         fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     if args.min_time <= 0 or (args.threads is not None and args.threads < 1):
         fail("--min-time must be > 0 and --threads >= 1")
+    if args.e2e_batch < 1:
+        fail("--e2e-batch must be >= 1")
     if args.cpu_time and args.device != "cpu":
         fail("--cpu-time only makes sense with --device cpu (GPU work is not CPU time)")
     if args.threads:
@@ -164,7 +250,8 @@ def main():
         print(f"\n== {device}: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
               f"threads {torch.get_num_threads()}{isa}")
         hdr = (f"{'tokens':>6} {'in':>5} {'out':>5} {'nb':>3} {'dtype':>8} {'mode':>7} {'method':>16} "
-               f"{'ms':>9} {'GFLOP/s':>8} {'speedup':>8} {'ratio':>6} {'spd/ratio':>9} {'vs_ref':>7}")
+               f"{'ms':>9} {'GFLOP/s':>8} {'baseline':>12} {'speedup':>8} {'ratio':>6} {'spd/ratio':>9} "
+               f"{'vs_ref':>7} {'route':>6}")
         print(hdr)
         print("-" * len(hdr))
         for case in dev_cases:
@@ -173,20 +260,25 @@ def main():
                 for mode, idx, mult in (("fwd", 0, 1), ("fwd+bwd", 1, 3)):
                     times = {m: time_ms(r[idx], min_time, args.cpu_time) for m, r in runners.items()
                              if r[idx] is not None}
+                    # the baseline is the fastest dense path of this measurement
+                    base = min((m for m in times if m.startswith("dense")), key=times.get)
                     for method, ms in times.items():
                         flops = runners[method][2] * mult
                         dense_flops = runners["dense"][2] * mult
-                        speedup = times["dense"] / ms
+                        speedup = times[base] / ms
                         ratio = dense_flops / flops
                         vs_ref = times["monarch_ref"] / ms if method.startswith("monarch") else float("nan")
+                        route = kernel_route(monarch_ops, case, mode) if method == "monarch_kernel" else ""
                         row = dict(device=device, tokens=case[0], fin=case[1], fout=case[2], nblocks=case[3],
                                    dtype=dt, mode=mode, method=method, ms=ms, gflops=flops / ms / 1e6,
-                                   speedup=speedup, flop_ratio=ratio, frac_of_ratio=speedup / ratio,
-                                   vs_ref=vs_ref)
+                                   baseline=base, speedup=speedup, flop_ratio=ratio,
+                                   frac_of_ratio=speedup / ratio, vs_ref=vs_ref, route=route)
                         results.append(row)
                         print(f"{case[0]:>6} {case[1]:>5} {case[2]:>5} {case[3]:>3} {dt:>8} {mode:>7} {method:>16} "
-                              f"{ms:>9.3f} {row['gflops']:>8.1f} {speedup:>8.2f} {ratio:>6.2f} "
-                              f"{speedup / ratio:>9.2f} {vs_ref:>7.2f}", flush=True)
+                              f"{ms:>9.3f} {row['gflops']:>8.1f} {base:>12} {speedup:>8.2f} {ratio:>6.2f} "
+                              f"{speedup / ratio:>9.2f} {vs_ref:>7.2f} {route:>6}", flush=True)
+        if device == "cpu" and not args.no_e2e and not args.quick:
+            results.extend(end_to_end(args, kernel_ok, min_time))
 
     isa = torch.ops.monarch_seam.cpu_isa() if hasattr(torch.ops.monarch_seam, "cpu_isa") else None
     meta = dict(timer="process_time" if args.cpu_time else "wall", torch=torch.__version__,
