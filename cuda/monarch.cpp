@@ -5,19 +5,19 @@
 //   out[b, s*L + l] = sum_r w2[l, s, r] * h[b, r*L + l]           (stage 2: both permutations)
 // The reference does this with two bmm calls and three permutation copies over the whole batch.
 //
-// Here every product is a call of one small GEMM engine (below) whose operands are *strided views*:
-// the engine copies ("packs") each operand into the panel layout its register kernel reads, and that
-// copy takes arbitrary row and column strides, so the Monarch permutations cost nothing beyond the
-// packing every fast GEMM does anyway (e.g. stage 2 reads h[b, r*L + l] as a matrix with strides
-// (K*Q, L)). Rows are processed in tiles of <= 128 tokens so that a tile's intermediate stays in
-// cache; the weights are packed once per call and shared by all tiles and threads. Only two things
-// are reordered explicitly, both on a tile that is in cache: the output block l is scattered into
+// The "engine" route: every product is a call of one small GEMM engine (below) whose A operand is a
+// *strided view* read in place (each A value is a broadcast operand of the register kernel), so the
+// Monarch permutations cost nothing (e.g. stage 2 reads h[b, r*L + l] as a matrix with strides (K*Q, L))
+// and no A panel is packed. Rows are processed in tiles of <= 128 tokens so that a tile's intermediate
+// stays in cache; the weights are packed once per call and shared by all tiles and threads. Only two
+// things are reordered explicitly, both on a tile that is in cache: the output block l is scattered into
 // out[b, s*L + l], and in the backward pass dh is brought back to its natural layout.
 //
 // The register kernel is written once with GCC vector extensions and compiled three times with
 // function-level target attributes (AVX-512: 8x48 floats / 8x24 doubles, AVX2+FMA: 4x24 / 4x12,
 // baseline SSE2: 4x12 / 4x6); the best one the CPU supports is chosen at load time
-// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests). No BLAS is called.
+// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests). Two more routes (ATen's two-bmm
+// algorithm and the BLAS that torch ships, on strided views) compete with it per shape: see "routes".
 //
 // The butterfly ops (schemas below) are implemented in cuda/butterfly_cpu.cpp.
 #include <ATen/ATen.h>
@@ -30,6 +30,8 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <type_traits>
+#include <utility>
 #include <unistd.h>
 #include <cstdlib>
 #include <cstring>
@@ -50,33 +52,40 @@ namespace {
 template <class T, int VB>
 struct Vec {
   typedef T type __attribute__((vector_size(VB)));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  typedef I mask __attribute__((vector_size(VB)));
 };
 
-// One MR x (NV*W) block of C from a packed A panel (kc x MR) and a packed B panel (kc x NV*W).
-// The accumulators live in registers for the whole k loop: with AVX-512 and 8x48 floats that is
-// 24 zmm accumulators + 3 for B, and each A value is a broadcast operand of the FMAs.
+// One MR x (NV*W) block of C from rows of A read in place and a packed B panel (kc x NV*W). A(i, k) is
+// a[i*ars + k*acs] for any strides (a Monarch permutation is such a view): every A value is a broadcast
+// operand, so A needs no packing, which for the narrow block products of a Monarch layer (a few hundred
+// columns) would cost a fifth of the product. Rows at or beyond mvalid read row 0 (results discarded).
+// The accumulators live in registers for the whole k loop: with AVX-512 and 8x48 floats that is 24 zmm
+// accumulators + 3 for B.
 template <class T, int VB, int MR, int NV>
-static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const T* __restrict A,
-                                                               const T* __restrict B, T* __restrict C,
-                                                               int64_t ldc, bool acc) {
+static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const T* __restrict A, int64_t ars,
+                                                               int64_t acs, int mvalid, const T* __restrict B,
+                                                               T* __restrict C, int64_t ldc, bool acc) {
   typedef typename Vec<T, VB>::type V;
   constexpr int W = VB / sizeof(T);
+  const T* ap[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) ap[i] = A + (i < mvalid ? i : 0) * ars;
   V c[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) c[i][j] = V{};
-  for (int64_t k = 0; k < kc; ++k) {
+  for (int64_t k = 0, ko = 0; k < kc; ++k, ko += acs) {
     V b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + j * W, VB);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T a = A[i];
+      const T a = ap[i][ko];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) c[i][j] += a * b[j];
     }
-    A += MR;
     B += NV * W;
   }
 #pragma GCC unroll 16
@@ -94,12 +103,13 @@ static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const
 }
 
 template <class T>
-using UkFn = void (*)(int64_t, const T*, const T*, T*, int64_t, bool);
+using UkFn = void (*)(int64_t, const T*, int64_t, int64_t, int, const T*, T*, int64_t, bool);
 
 // One register kernel per dtype and ISA: the same body, compiled under each target attribute.
 #define MONARCH_SEAM_UK(NAME, T, TARGET, VB, MR)                                                   \
-  TARGET void NAME(int64_t kc, const T* A, const T* B, T* C, int64_t ldc, bool acc) {              \
-    ukernel_body<T, VB, MR, 3>(kc, A, B, C, ldc, acc);                                            \
+  TARGET void NAME(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,  \
+                   int64_t ldc, bool acc) {                                                          \
+    ukernel_body<T, VB, MR, 3>(kc, A, ars, acs, mvalid, B, C, ldc, acc);                          \
   }
 MONARCH_SEAM_UK(uk_f32_avx512, float, __attribute__((target("avx512f"))), 64, 8)    // 8 x 48 floats
 MONARCH_SEAM_UK(uk_f64_avx512, double, __attribute__((target("avx512f"))), 64, 8)   // 8 x 24 doubles
@@ -109,32 +119,109 @@ MONARCH_SEAM_UK(uk_f32_base, float, , 16, 4)                                    
 MONARCH_SEAM_UK(uk_f64_base, double, , 16, 4)                                       // 4 x 6 doubles
 #undef MONARCH_SEAM_UK
 
+// ---------------------------------------------------------------- block interleave
+// dst[i*dst_row + s*L + l] = src[l*src_plane + i*n + s] for i < rows, s < n: the Monarch output
+// permutation (and its transpose in the backward pass) on a tile in cache. For L = 2 and 4 it is a few
+// two-source shuffles per W outputs (one interleave stage per factor 2 of L); other L are scalar.
+template <class T, int VB, int U, int... J>
+constexpr typename Vec<T, VB>::mask interleave_mask(int half, std::integer_sequence<int, J...>) {
+  // out[j] = (j % 2U < U ? a : b)[half*W/2 + (j / 2U)*U + j % U]; b's lanes are numbered W..2W-1
+  constexpr int W = VB / sizeof(T);
+  return typename Vec<T, VB>::mask{
+      ((J % (2 * U)) < U ? 0 : W) + half * W / 2 + (J / (2 * U)) * U + J % U ...};
+}
+
+template <class T, int VB, int U, int HALF>
+static inline __attribute__((always_inline)) typename Vec<T, VB>::type ilv(typename Vec<T, VB>::type a,
+                                                                        typename Vec<T, VB>::type b) {
+  constexpr auto m = interleave_mask<T, VB, U>(HALF, std::make_integer_sequence<int, int(VB / sizeof(T))>());
+  return __builtin_shuffle(a, b, m);
+}
+
+template <class T, int VB>
+static inline __attribute__((always_inline)) void interleave_body(int64_t rows, int64_t L, int64_t n,
+                                                                  const T* src, int64_t src_plane, T* dst,
+                                                                  int64_t dst_row) {
+  typedef typename Vec<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* o = dst + i * dst_row;
+    const T* s0 = src + i * n;
+    int64_t s = 0;
+    if (L == 4 && W >= 4) {
+      for (; s + W <= n; s += W) {
+        V v0, v1, v2, v3;
+        std::memcpy(&v0, s0 + s, VB);
+        std::memcpy(&v1, s0 + src_plane + s, VB);
+        std::memcpy(&v2, s0 + 2 * src_plane + s, VB);
+        std::memcpy(&v3, s0 + 3 * src_plane + s, VB);
+        const V a0 = ilv<T, VB, 1, 0>(v0, v1), a1 = ilv<T, VB, 1, 1>(v0, v1);
+        const V b0 = ilv<T, VB, 1, 0>(v2, v3), b1 = ilv<T, VB, 1, 1>(v2, v3);
+        const V o0 = ilv<T, VB, 2, 0>(a0, b0), o1 = ilv<T, VB, 2, 1>(a0, b0);
+        const V o2 = ilv<T, VB, 2, 0>(a1, b1), o3 = ilv<T, VB, 2, 1>(a1, b1);
+        std::memcpy(o + 4 * s, &o0, VB);
+        std::memcpy(o + 4 * s + W, &o1, VB);
+        std::memcpy(o + 4 * s + 2 * W, &o2, VB);
+        std::memcpy(o + 4 * s + 3 * W, &o3, VB);
+      }
+    } else if (L == 2 && W >= 2) {
+      for (; s + W <= n; s += W) {
+        V v0, v1;
+        std::memcpy(&v0, s0 + s, VB);
+        std::memcpy(&v1, s0 + src_plane + s, VB);
+        const V o0 = ilv<T, VB, 1, 0>(v0, v1), o1 = ilv<T, VB, 1, 1>(v0, v1);
+        std::memcpy(o + 2 * s, &o0, VB);
+        std::memcpy(o + 2 * s + W, &o1, VB);
+      }
+    }
+    for (; s < n; ++s)
+      for (int64_t l = 0; l < L; ++l) o[s * L + l] = s0[l * src_plane + s];
+  }
+}
+
+template <class T>
+using IlFn = void (*)(int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t);
+
+#define MONARCH_SEAM_IL(NAME, T, TARGET, VB)                                                          \
+  TARGET void NAME(int64_t rows, int64_t L, int64_t n, const T* src, int64_t src_plane, T* dst,       \
+                   int64_t dst_row) {                                                                 \
+    interleave_body<T, VB>(rows, L, n, src, src_plane, dst, dst_row);                                 \
+  }
+MONARCH_SEAM_IL(il_f32_avx512, float, __attribute__((target("avx512f"))), 64)
+MONARCH_SEAM_IL(il_f64_avx512, double, __attribute__((target("avx512f"))), 64)
+MONARCH_SEAM_IL(il_f32_avx2, float, __attribute__((target("avx2,fma"))), 32)
+MONARCH_SEAM_IL(il_f64_avx2, double, __attribute__((target("avx2,fma"))), 32)
+MONARCH_SEAM_IL(il_f32_base, float, , 16)
+MONARCH_SEAM_IL(il_f64_base, double, , 16)
+#undef MONARCH_SEAM_IL
+
 template <class T>
 struct Engine {
   int mr, nr;
   UkFn<T> fn;
+  IlFn<T> il;
 };
 template <class T>
 Engine<T> engine();
 template <>
 Engine<float> engine<float>() {
   switch (isa()) {
-    case kAvx512: return {8, 48, uk_f32_avx512};
-    case kAvx2: return {4, 24, uk_f32_avx2};
-    default: return {4, 12, uk_f32_base};
+    case kAvx512: return {8, 48, uk_f32_avx512, il_f32_avx512};
+    case kAvx2: return {4, 24, uk_f32_avx2, il_f32_avx2};
+    default: return {4, 12, uk_f32_base, il_f32_base};
   }
 }
 template <>
 Engine<double> engine<double>() {
   switch (isa()) {
-    case kAvx512: return {8, 24, uk_f64_avx512};
-    case kAvx2: return {4, 12, uk_f64_avx2};
-    default: return {4, 6, uk_f64_base};
+    case kAvx512: return {8, 24, uk_f64_avx512, il_f64_avx512};
+    case kAvx2: return {4, 12, uk_f64_avx2, il_f64_avx2};
+    default: return {4, 6, uk_f64_base, il_f64_base};
   }
 }
 
 constexpr int64_t kKC = 192;  // k-slice: a 192 x 48 float B panel (36 KiB) stays in L1 while A panels stream
-constexpr int64_t kMC = 256;  // rows of A packed at a time (at most 192 KiB, in L2)
+constexpr int64_t kMC = 256;  // rows of A swept per B panel (a 256 x 192 float slice is 192 KiB, in L2)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -178,41 +265,12 @@ void pack_b(const Engine<T>& e, int64_t K, int64_t N, const T* b, int64_t brs, i
   }
 }
 
-// Packed A: panels of mr rows for one k-slice: dst[(i/mr)*kc*mr + k*mr + i%mr] = a[i*ars + k*acs].
-template <class T>
-void pack_a(const Engine<T>& e, int64_t mc, int64_t kc, const T* a, int64_t ars, int64_t acs, T* dst) {
-  const int mr = e.mr;
-  for (int64_t i0 = 0; i0 < mc; i0 += mr) {
-    const int64_t m = std::min<int64_t>(mr, mc - i0);
-    T* d = dst + i0 * kc;
-    if (m < mr)
-      std::fill(d, d + kc * mr, T(0));
-    if (ars == 1) {
-      for (int64_t k = 0; k < kc; ++k) std::memcpy(d + k * mr, a + i0 + k * acs, m * sizeof(T));
-    } else if (acs < ars) {  // walk along the smaller stride
-      for (int64_t i = 0; i < m; ++i) {
-        const T* src = a + (i0 + i) * ars;
-        for (int64_t k = 0; k < kc; ++k) d[k * mr + i] = src[k * acs];
-      }
-    } else {
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = a + i0 * ars + k * acs;
-        for (int64_t i = 0; i < m; ++i) d[k * mr + i] = src[i * ars];
-      }
-    }
-  }
-}
-
-// Scratch for one thread's A panels.
-template <class T>
-int64_t abuf_size(const Engine<T>& e) {
-  return round_up(kMC, e.mr) * kKC;
-}
-
-// C (M x N, row stride ldc) = [C +] A @ B, A a strided view, B packed by pack_b with the same K.
+// C (M x N, row stride ldc) = [C +] A @ B, A a strided view read in place, B packed by pack_b with the same K.
+// Loop order: k-slices of kKC, then kMC rows of A (they stay in L2), then B panels (each stays in L1 while
+// the micro-kernel sweeps the rows).
 template <class T>
 void gemm(const Engine<T>& e, int64_t M, int64_t N, int64_t K, const T* a, int64_t ars, int64_t acs,
-          const T* bp, T* C, int64_t ldc, bool acc, T* abuf) {
+          const T* bp, T* C, int64_t ldc, bool acc) {
   const int mr = e.mr, nr = e.nr;
   if (K == 0) {
     if (!acc)
@@ -225,17 +283,17 @@ void gemm(const Engine<T>& e, int64_t M, int64_t N, int64_t K, const T* a, int64
     const bool accum = acc || pc > 0;
     for (int64_t ic = 0; ic < M; ic += kMC) {
       const int64_t mc = std::min(kMC, M - ic);
-      pack_a(e, mc, kc, a + ic * ars + pc * acs, ars, acs, abuf);
       for (int64_t jr = 0; jr < N; jr += nr) {
         const int64_t nb = std::min<int64_t>(nr, N - jr);
         const T* bpan = bp + (jr / nr) * K * nr + pc * nr;
         for (int64_t ir = 0; ir < mc; ir += mr) {
-          const int64_t mb = std::min<int64_t>(mr, mc - ir);
+          const int mb = int(std::min<int64_t>(mr, mc - ir));
+          const T* ablk = a + (ic + ir) * ars + pc * acs;
           T* c = C + (ic + ir) * ldc + jr;
           if (mb == mr && nb == nr) {
-            e.fn(kc, abuf + ir * kc, bpan, c, ldc, accum);
+            e.fn(kc, ablk, ars, acs, mr, bpan, c, ldc, accum);
           } else {  // ragged edge: full block into a buffer, then the valid part
-            e.fn(kc, abuf + ir * kc, bpan, edge, nr, false);
+            e.fn(kc, ablk, ars, acs, mb, bpan, edge, nr, false);
             for (int64_t i = 0; i < mb; ++i)
               for (int64_t j = 0; j < nb; ++j)
                 c[i * ldc + j] = accum ? c[i * ldc + j] + edge[i * nr + j] : edge[i * nr + j];
@@ -270,7 +328,7 @@ struct Scratch {
 
 // Slots: the calling thread's buffers (packed weights, dw accumulators) and each worker's tile buffers
 // are distinct, since the calling thread is also worker 0 of at::parallel_for.
-enum Slot { kW1, kW2, kW1T, kAcc, kAbuf, kHbuf, kObuf, kDsb, kDh, kBb, kNumSlots };
+enum Slot { kW1, kW2, kW1T, kAcc, kHbuf, kObuf, kDsb, kDh, kBb, kNumSlots };
 
 template <class T>
 T* scratch(Slot slot, int64_t n) {
@@ -281,13 +339,15 @@ T* scratch(Slot slot, int64_t n) {
 // ---------------------------------------------------------------- Monarch
 using plan::Dims;  // B tokens; w1 (K, Q, P); w2 (L, S, R)
 
-constexpr int64_t kTile = 128;  // token rows per tile: a tile's h (128 x K*Q) stays in L2
+constexpr int64_t kTile = 128;  // most token rows per tile
 
-// Smaller tiles for small batches so that every thread gets rows.
-inline int64_t tile_rows(int64_t B) {
+// Token rows per tile: the per-row buffers of a tile (row_bytes: its intermediate and output blocks) fill at
+// most half of this CPU's L2, and small batches get smaller tiles so that every thread has rows.
+inline int64_t tile_rows(int64_t B, int64_t row_bytes) {
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per = round_up((B + nth - 1) / nth, 8);
-  return std::max<int64_t>(8, std::min<int64_t>(kTile, per));
+  const int64_t fit = std::max<int64_t>(8, l2_bytes() / 2 / std::max<int64_t>(row_bytes, 1) / 8 * 8);
+  return std::max<int64_t>(8, std::min<int64_t>({kTile, per, fit}));
 }
 
 // Packs weight blocks w[blk] (nblk x rows x cols) as GEMM B operands, either as stored
@@ -309,10 +369,10 @@ const T* pack_weights(const Engine<T>& e, const T* w, int64_t nblk, int64_t rows
 // h rows [b0, b0+tb) of stage 1 into H (row stride K*Q).
 template <class T>
 void stage1_tile(const Engine<T>& e, const Dims& d, const T* x, const T* w1p, int64_t w1s, int64_t b0,
-                 int64_t tb, T* H, T* abuf) {
+                 int64_t tb, T* H) {
   const int64_t KP = d.K * d.P, KQ = d.K * d.Q;
   for (int64_t k = 0; k < d.K; ++k)
-    gemm(e, tb, d.Q, d.P, x + b0 * KP + k * d.P, KP, 1, w1p + k * w1s, H + k * d.Q, KQ, false, abuf);
+    gemm(e, tb, d.Q, d.P, x + b0 * KP + k * d.P, KP, 1, w1p + k * w1s, H + k * d.Q, KQ, false);
 }
 
 template <class T>
@@ -322,28 +382,30 @@ void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hs
   int64_t w1s, w2s;
   const T* w1p = pack_weights(e, w1, d.K, d.Q, d.P, true, kW1, &w1s);  // B(p, q) = w1[k, q, p]
   const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, true, kW2, &w2s);  // B(r, s) = w2[l, s, r]
-  const int64_t tile = tile_rows(d.B), ntiles = (d.B + tile - 1) / tile;
+  const int64_t tile = tile_rows(d.B, 2 * KQ * int64_t(sizeof(T))), ntiles = (d.B + tile - 1) / tile;
+  // output columns per chunk: a chunk's L blocks (L x tile x sc) take at most a quarter of the L2
+  const int64_t sc = std::min(
+      d.S, std::max<int64_t>(e.nr, l2_bytes() / 4 / (d.L * tile * int64_t(sizeof(T))) / e.nr * e.nr));
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    T* abuf = scratch<T>(kAbuf, abuf_size(e));
     T* hbuf = hsave ? nullptr : scratch<T>(kHbuf, tile * KQ);
-    T* obuf = scratch<T>(kObuf, d.L * tile * d.S);
+    T* obuf = scratch<T>(kObuf, d.L * tile * sc);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
       T* H = hsave ? hsave + b0 * KQ : hbuf;
-      stage1_tile(e, d, x, w1p, w1s, b0, tb, H, abuf);
+      stage1_tile(e, d, x, w1p, w1s, b0, tb, H);
       if (d.L == 1) {  // no permutation at all: straight into out
-        gemm(e, tb, d.S, d.R, H, KQ, 1, w2p, out + b0 * LS, LS, false, abuf);
+        gemm(e, tb, d.S, d.R, H, KQ, 1, w2p, out + b0 * LS, LS, false);
         continue;
       }
-      // block l reads h[b, r*L + l]: the A view with strides (K*Q, L)
-      for (int64_t l = 0; l < d.L; ++l)
-        gemm(e, tb, d.S, d.R, H + l, KQ, d.L, w2p + l * w2s, obuf + l * tb * d.S, d.S, false, abuf);
-      for (int64_t i = 0; i < tb; ++i) {  // out[b, s*L + l] = obuf[l, i, s], row by row in cache
-        T* o = out + (b0 + i) * LS;
-        for (int64_t l = 0; l < d.L; ++l) {
-          const T* src = obuf + (l * tb + i) * d.S;
-          for (int64_t s = 0; s < d.S; ++s) o[s * d.L + l] = src[s];
-        }
+      // block l reads h[b, r*L + l]: the A view with strides (K*Q, L). Its output is made sc columns at a
+      // time for all blocks (so that the L blocks of a chunk stay in cache) and interleaved into
+      // out[b, s*L + l] from there.
+      for (int64_t s0 = 0; s0 < d.S; s0 += sc) {
+        const int64_t sn = std::min(sc, d.S - s0);
+        for (int64_t l = 0; l < d.L; ++l)
+          gemm(e, tb, sn, d.R, H + l, KQ, d.L, w2p + l * w2s + (s0 / e.nr) * d.R * e.nr, obuf + l * tb * sn, sn,
+               false);
+        e.il(tb, d.L, sn, obuf, tb * sn, out + b0 * LS + s0 * d.L, LS);
       }
     }
   });
@@ -358,7 +420,7 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
   const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, false, kW2, &w2s);  // B(s, r) = w2[l, s, r]
   const T* w1p = pack_weights(e, w1, d.K, d.Q, d.P, false, kW1, &w1s);  // B(q, p) = w1[k, q, p]
   const T* w1tp = hsaved ? nullptr : pack_weights(e, w1, d.K, d.Q, d.P, true, kW1T, &w1ts);  // recompute
-  const int64_t tile = tile_rows(d.B), ntiles = (d.B + tile - 1) / tile;
+  const int64_t tile = tile_rows(d.B, 3 * KQ * int64_t(sizeof(T)) / 2), ntiles = (d.B + tile - 1) / tile;
   // Tiles are split into nch contiguous chunks, one dw1/dw2 accumulator each, summed at the end: the
   // result does not depend on which thread runs which chunk.
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
@@ -366,7 +428,6 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
   const int64_t n1 = d.K * d.Q * d.P, n2 = d.L * d.S * d.R;
   T* acc = scratch<T>(kAcc, nch * (n1 + n2));
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    T* abuf = scratch<T>(kAbuf, abuf_size(e));
     T* hbuf = hsaved ? nullptr : scratch<T>(kHbuf, tile * KQ);
     T* dsb = scratch<T>(kDsb, d.L * tile * d.R);
     T* dh = scratch<T>(kDh, tile * KQ);
@@ -380,31 +441,25 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
         const bool first = t == tbeg;
         const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
         const T* H = hsaved ? hsaved + b0 * KQ : hbuf;
-        if (!hsaved) stage1_tile(e, d, x, w1tp, w1ts, b0, tb, hbuf, abuf);
+        if (!hsaved) stage1_tile(e, d, x, w1tp, w1ts, b0, tb, hbuf);
         const T* gt = g + b0 * LS;
         for (int64_t l = 0; l < d.L; ++l) {
           // G_l(i, s) = g[b0+i, s*L + l]: dS_l = G_l @ w2[l], and dw2[l] += G_l^T @ Hp_l with
           // Hp_l(i, r) = h[b0+i, r*L + l]
-          gemm(e, tb, d.R, d.S, gt + l, LS, d.L, w2p + l * w2s, dsb + l * tb * d.R, d.R, false, abuf);
+          gemm(e, tb, d.R, d.S, gt + l, LS, d.L, w2p + l * w2s, dsb + l * tb * d.R, d.R, false);
           pack_b(e, tb, d.R, H + l, KQ, d.L, bb);
-          gemm(e, d.S, d.R, tb, gt + l, d.L, LS, bb, a2 + l * d.S * d.R, d.R, !first, abuf);
+          gemm(e, d.S, d.R, tb, gt + l, d.L, LS, bb, a2 + l * d.S * d.R, d.R, !first);
         }
         const T* DH = dsb;  // L == 1: dS is already dh in natural layout
         if (d.L > 1) {      // dh[i, r*L + l] = dS_l[i, r], in cache
-          for (int64_t i = 0; i < tb; ++i) {
-            T* o = dh + i * KQ;
-            for (int64_t l = 0; l < d.L; ++l) {
-              const T* src = dsb + (l * tb + i) * d.R;
-              for (int64_t r = 0; r < d.R; ++r) o[r * d.L + l] = src[r];
-            }
-          }
+          e.il(tb, d.L, d.R, dsb, tb * d.R, dh, KQ);
           DH = dh;
         }
         for (int64_t k = 0; k < d.K; ++k) {
           // dx_k = dH_k @ w1[k], and dw1[k] += dH_k^T @ X_k
-          gemm(e, tb, d.P, d.Q, DH + k * d.Q, KQ, 1, w1p + k * w1s, dx + b0 * KP + k * d.P, KP, false, abuf);
+          gemm(e, tb, d.P, d.Q, DH + k * d.Q, KQ, 1, w1p + k * w1s, dx + b0 * KP + k * d.P, KP, false);
           pack_b(e, tb, d.P, x + b0 * KP + k * d.P, KP, 1, bb);
-          gemm(e, d.Q, d.P, tb, DH + k * d.Q, 1, KQ, bb, a1 + k * d.Q * d.P, d.P, !first, abuf);
+          gemm(e, d.Q, d.P, tb, DH + k * d.Q, 1, KQ, bb, a1 + k * d.Q * d.P, d.P, !first);
         }
       }
     }
