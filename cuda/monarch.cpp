@@ -617,9 +617,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(const Dims& d, const at:
 // under kTuneFlops use aten (fixed costs dominate there); otherwise the first call for a shape key (direction,
 // K, P, Q, L, S, R, dtype, threads and B rounded up to a power of two) times every route on its real inputs
 // (a warm-up and the best of two runs each) and keeps the fastest. Decisions are stored in a small text file
-// beside the build (set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides), whose first line names
-// the CPU model and ISA: a file from another CPU, or one with a damaged line, is ignored with one warning and
-// rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
+// beside the build (the path is set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides it there),
+// whose first line names the CPU model and ISA: a file from another CPU, or one with a damaged line, is
+// ignored (with one warning, from monarch_ops.py) and rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
 constexpr double kTuneFlops = 4e6;
 
 const char* kTuneHeader = "monarch_seam cpu routes v1";
@@ -651,18 +651,16 @@ struct Tuner {
   bool forced_checked = false;
   int forced = -1;
 
-  std::string path() {
-    const char* env = std::getenv("MONARCH_SEAM_TUNE_FILE");
-    return env && *env ? std::string(env) : file;
-  }
+  std::string path() { return file; }
 
-  void load() {  // under mu
-    if (loaded) return;
+  // Reads the file once; returns "" or what is wrong with it (then it is ignored and later rewritten).
+  std::string load() {  // under mu
+    if (loaded) return "";
     loaded = true;
     const std::string p = path();
-    if (p.empty()) return;
+    if (p.empty()) return "";
     std::ifstream f(p);
-    if (!f) return;  // no file yet
+    if (!f) return "";  // no file yet
     std::string line, problem;
     std::map<std::string, int> got;
     if (!std::getline(f, line) || line != std::string(kTuneHeader) + "\t" + tune_signature()) {
@@ -687,12 +685,8 @@ struct Tuner {
         got[key] = r;
       }
     }
-    if (!problem.empty()) {
-      TORCH_WARN("monarch_seam: ignoring the CPU route cache ", p, ": ", problem,
-                 "; routes are measured again and the file is rewritten");
-      return;
-    }
-    table = got;
+    if (problem.empty()) table = got;
+    return problem;
   }
 
   void save() {  // under mu; whole file, written to a temporary and renamed
@@ -865,6 +859,13 @@ void set_tune_file(const std::string& path) {
   t.table.clear();
 }
 
+// Loads the route file now; returns "" or the reason it was ignored (cuda/monarch_ops.py warns with it).
+std::string load_tune_file() {
+  Tuner& t = tuner();
+  std::lock_guard<std::mutex> g(t.mu);
+  return t.load();
+}
+
 std::string cpu_isa() { return isa_name(isa()); }
 
 // The CUDA op's GEMM plan (cuda/monarch_plan.h) for dims [B, K, P, Q, L, S, R], flattened as 19 ints per
@@ -900,6 +901,7 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
   // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
   m.def("_set_tune_file(str path) -> ()", &set_tune_file);
+  m.def("_load_tune_file() -> str", &load_tune_file);
   // the CUDA GEMM plan, for a CPU emulation test (see cuda/monarch_plan.h)
   m.def("_cuda_plan(int[] dims) -> int[]", &cuda_plan);
 }

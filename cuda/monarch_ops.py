@@ -13,6 +13,7 @@ Fake (meta) kernels and autograd formulas are registered here, so the ops work u
 `torch.compile(fullgraph=True)` and pass `torch.library.opcheck`.
 """
 import os
+import warnings
 
 import torch
 
@@ -62,8 +63,15 @@ def _register():
     ok, err = build.load_cpu()
     if not ok:
         raise RuntimeError(f"monarch_seam extension unavailable: {err}")
-    # the CPU op's per-shape route decisions (see "route choice" in cuda/monarch.cpp) live beside the build
-    torch.ops.monarch_seam._set_tune_file(os.path.join(build.cpu_build_dir(), "cpu_routes.txt"))
+    # The CPU op's per-shape route decisions (see "route choice" in cuda/monarch.cpp) live beside the build
+    # (MONARCH_SEAM_TUNE_FILE: elsewhere). A file from another CPU or with a damaged line is ignored, once,
+    # loudly, and rewritten with what this process measures.
+    path = os.environ.get("MONARCH_SEAM_TUNE_FILE") or os.path.join(build.cpu_build_dir(), "cpu_routes.txt")
+    torch.ops.monarch_seam._set_tune_file(path)
+    problem = torch.ops.monarch_seam._load_tune_file()
+    if problem:
+        warnings.warn(f"monarch_seam: ignoring the CPU route cache {path}: {problem}; routes are measured "
+                      "again and the file is rewritten", RuntimeWarning, stacklevel=3)
     lib = "monarch_seam::"
     torch.library.register_fake(lib + "monarch_fwd")(_fwd_fake)
     torch.library.register_fake(lib + "monarch_fwd_h")(_fwd_h_fake)

@@ -75,8 +75,9 @@ def check_close(got, want, tol):
         assert err <= tol * scale, f"{name}: max abs err {err:.3e} vs scale {scale:.3e}"
 
 
-# Leading batch dims: 300 rows span several 128-row tiles of the packed-GEMM engine plus a ragged one;
-# 5 rows take the op's small-batch path (ATen bmm, below 64 rows). Both are flattened by the wrapper.
+# Leading batch dims: 300 rows span several tiles of the packed-GEMM engine plus a ragged one; 5 rows are
+# below the op's tuning threshold (the ATen route). Both are flattened by the wrapper. Which route the
+# larger calls take here depends on this CPU's timings: every route is tested by name below.
 BATCHES = [(3, 100), (5,)]
 
 
@@ -100,15 +101,20 @@ def test_monarch_cpu_matches_reference(ops, shape, batch, dtype):
 
 
 # The same comparison in a fresh process for every register kernel this CPU can run (the ISA is chosen
-# once per process) and with the small-batch threshold moved so that each path sees the other's sizes.
+# once per process) and every CPU route of the op, forced by MONARCH_SEAM_CPU_ROUTE ("auto": the measured
+# choice, with the route cache in a temporary file). Shapes: square, rectangular, non-divisible, L == 1,
+# Q < L, L = 2 and 4 with output widths that leave a vector tail, and one whose output is made in column
+# chunks (L * tile * S over a quarter of the L2). Also gradcheck and opcheck on each route.
 PATHS_SCRIPT = """
-import json, math, torch
+import json, math, os, torch
+from torch.library import opcheck
 from cuda import monarch_ops
 from layers.monarch import monarch_multiply_ref
 assert monarch_ops.kernel_available()[0]
 worst = 0.0
 for (k, q, p, l, s, r) in [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 40, 2, 64, 96),
-                           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20)]:
+                           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20), (2, 12, 8, 2, 37, 12),
+                           (4, 75, 10, 4, 300, 75), (4, 16, 64, 16, 48, 4)]:
     for rows in (1, 7, 70, 300):
         for dt in (torch.float32, torch.float64):
             g = torch.Generator().manual_seed(rows + k)
@@ -121,9 +127,24 @@ for (k, q, p, l, s, r) in [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4,
                 args = [t.clone().requires_grad_() for t in (x, w1, w2)]
                 y = fn(*args)
                 res.append([y] + list(torch.autograd.grad(y, args, gr)))
+            with torch.no_grad():  # the forward without the saved intermediate
+                res[0].append(monarch_ops.monarch_multiply(x, w1, w2))
+            res[0].extend(torch.ops.monarch_seam.monarch_bwd(gr, x, w1, w2, None))  # backward, recomputing h
+            res[1].extend(res[1][:4])
             for a, b in zip(*res):
                 worst = max(worst, ((a - b).abs().max() / (b.abs().max() + 1e-30)).item() / (2e-5 if dt == torch.float32 else 1e-12))
-print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst}))
+torch.manual_seed(3)
+w1 = torch.randn(3, 4, 2, dtype=torch.float64)
+w2 = torch.randn(2, 3, 6, dtype=torch.float64)
+x = torch.randn(9, 6, dtype=torch.float64)
+args = [t.clone().requires_grad_() for t in (x, w1, w2)]
+assert torch.autograd.gradcheck(monarch_ops.monarch_multiply, args)
+_, h = torch.ops.monarch_seam.monarch_fwd_h(x, w1, w2)
+opcheck(torch.ops.monarch_seam.monarch_fwd_h.default, tuple(args))
+opcheck(torch.ops.monarch_seam.monarch_bwd.default, (torch.randn(9, 6, dtype=torch.float64), x, w1, w2, h))
+dims = [300, 4, 10, 75, 4, 300, 75]
+print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst,
+                  "route": torch.ops.monarch_seam.cpu_route("fwd_h", dims, torch.float32)}))
 """
 
 
@@ -132,17 +153,78 @@ def _supported_isas():
     return {"avx512": ["avx512", "avx2", "base"], "avx2": ["avx2", "base"], "base": ["base"]}[isa]
 
 
-@pytest.mark.parametrize("isa,small_batch", [("avx512", "64"), ("avx2", "1"), ("base", "1"), ("avx512", "100000")])
-def test_monarch_cpu_paths_in_fresh_process(ops, isa, small_batch):
+@pytest.mark.parametrize("isa,route", [("avx512", "engine"), ("avx2", "engine"), ("base", "engine"),
+                                       ("avx512", "aten"), ("avx512", "blas"), ("avx512", "auto")])
+def test_monarch_cpu_paths_in_fresh_process(ops, isa, route, tmp_path):
     if isa not in _supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} register kernel")
-    env = dict(os.environ, MONARCH_SEAM_CPU_ISA=isa, MONARCH_SEAM_CPU_SMALL_BATCH=small_batch, OMP_NUM_THREADS="2")
+    env = dict(os.environ, MONARCH_SEAM_CPU_ISA=isa, MONARCH_SEAM_CPU_ROUTE=route, OMP_NUM_THREADS="2",
+               MONARCH_SEAM_TUNE_FILE=str(tmp_path / "routes.txt"))
     res = subprocess.run([sys.executable, "-c", PATHS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["isa"] == isa
     assert out["worst"] <= 1.0, out  # every error within its dtype tolerance (2e-5 / 1e-12 of the scale)
+    # a forced route is the one taken; "auto" measured all three and kept one
+    assert out["route"] == route if route != "auto" else out["route"] in ("engine", "aten", "blas"), out
+
+
+def test_monarch_cpu_route_override_rejects_bad_value():
+    env = dict(os.environ, MONARCH_SEAM_CPU_ROUTE="fastest")
+    code = ("import torch; from cuda import monarch_ops; monarch_ops.kernel_available(); "
+            "monarch_ops.monarch_multiply(torch.randn(300, 64), torch.randn(4, 16, 16), torch.randn(4, 16, 16))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "MONARCH_SEAM_CPU_ROUTE must be auto, engine, aten or blas" in res.stderr
+
+
+# The route cache: a first process measures and writes it, a second one reads it without measuring; a file
+# with a damaged line or from another CPU is ignored with one warning and rewritten.
+TUNE_SCRIPT = """
+import json, warnings, torch
+from cuda import monarch_ops
+dims = [512, 4, 32, 32, 4, 32, 32]
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    assert monarch_ops.kernel_available()[0]  # loads the extension and reads the route file
+    before = torch.ops.monarch_seam.cpu_route("fwd", dims, torch.float32)
+    monarch_ops.monarch_multiply(torch.randn(512, 128), torch.randn(4, 32, 32), torch.randn(4, 32, 32))
+print(json.dumps({"before": before, "after": torch.ops.monarch_seam.cpu_route("fwd", dims, torch.float32),
+                  "warnings": [str(w.message) for w in rec if "route cache" in str(w.message)]}))
+"""
+
+
+def _run_tune(path):
+    env = dict(os.environ, MONARCH_SEAM_TUNE_FILE=str(path), OMP_NUM_THREADS="2")
+    env.pop("MONARCH_SEAM_CPU_ROUTE", None)
+    res = subprocess.run([sys.executable, "-c", TUNE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_monarch_cpu_route_cache(ops, tmp_path):
+    path = tmp_path / "routes.txt"
+    first = _run_tune(path)
+    assert first["before"] == "" and first["after"] in ("engine", "aten", "blas") and not first["warnings"]
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("monarch_seam cpu routes v1\t") and lines[0].endswith("|" + torch.ops.monarch_seam.cpu_isa())
+    assert any(ln.startswith("fwd B<=512 K4 P32 Q32 L4 S32 R32 Float") for ln in lines[1:]), lines
+    second = _run_tune(path)  # decided before the call: read from the file, nothing measured
+    assert second["before"] == first["after"] and not second["warnings"]
+
+    key, route, check = [ln for ln in lines[1:] if ln.startswith("fwd B<=512")][0].split("\t")
+    other = "aten" if route != "aten" else "engine"
+    path.write_text("\n".join([lines[0], f"{key}\t{other}\t{check}"]) + "\n")  # route edited, check not
+    damaged = _run_tune(path)
+    assert damaged["before"] == "" and len(damaged["warnings"]) == 1, damaged
+    assert "fails its check" in damaged["warnings"][0] and str(path) in damaged["warnings"][0]
+    assert path.read_text().splitlines()[0] == lines[0] and _run_tune(path)["before"] != ""  # rewritten whole
+
+    path.write_text("monarch_seam cpu routes v1\tSome Other CPU|avx2\n" + "\n".join(lines[1:]) + "\n")
+    foreign = _run_tune(path)
+    assert foreign["before"] == "" and len(foreign["warnings"]) == 1 and "another CPU" in foreign["warnings"][0]
+    assert path.read_text().splitlines()[0] == lines[0]
 
 
 def test_monarch_cpu_isa_override_rejects_bad_value():
@@ -187,7 +269,7 @@ def test_monarch_bf16_cpu(ops):
     assert (got.double() - want).abs().max() < 0.05 * want.abs().max()
 
 
-@pytest.mark.parametrize("rows", [6, 66])  # the small-batch path and the packed-GEMM engine
+@pytest.mark.parametrize("rows", [6, 66])  # every route is gradchecked by name in the fresh-process test
 def test_monarch_gradcheck(ops, rows):
     monarch_ops, _ = ops
     torch.manual_seed(3)
@@ -437,6 +519,85 @@ def test_butterfly_cuda_parity(ops):
 
 
 # ----------------------------------------------------------------------------- fallback + bench
+# The fused CPU butterfly for every ISA this CPU can run, in a fresh process: row lengths below a vector
+# (one-lane path), at and above it (lane-shuffle strides and whole-vector pairs), long rows (L2 tiles), row
+# counts around the forward and backward tile heights, several stacks and blocks, both directions; output,
+# both gradients and gradcheck against the reference.
+BFLY_SCRIPT = """
+import json, math, torch
+from cuda import butterfly_ops
+from layers.butterfly import butterfly_multiply_ref
+assert butterfly_ops.kernel_available()[0]
+worst = 0.0
+for (nstacks, nblocks, log_n, rows) in [(1, 1, 1, 3), (2, 1, 2, 5), (1, 2, 3, 9), (3, 1, 4, 17), (1, 1, 5, 70),
+                                         (2, 2, 6, 33), (1, 3, 7, 4), (1, 1, 10, 66), (1, 1, 12, 19)]:
+    n = 1 << log_n
+    for dt in (torch.float32, torch.float64):
+        for inc in (True, False):
+            g = torch.Generator().manual_seed(rows * 7 + log_n)
+            tw = torch.randn(nstacks, nblocks, log_n, n // 2, 2, 2, dtype=dt, generator=g) / math.sqrt(2)
+            x = torch.randn(rows, nstacks, n, dtype=dt, generator=g)
+            gr = torch.randn(rows, nstacks, n, dtype=dt, generator=g)
+            res = []
+            for fn in (butterfly_ops.butterfly_multiply, butterfly_multiply_ref):
+                t, xx = tw.clone().requires_grad_(), x.clone().requires_grad_()
+                y = fn(t, xx, inc)
+                res.append([y] + list(torch.autograd.grad(y, (t, xx), gr)))
+            for a, b in zip(*res):
+                worst = max(worst, ((a - b).abs().max() / (b.abs().max() + 1e-30)).item() / (1e-5 if dt == torch.float32 else 1e-12))
+torch.manual_seed(6)
+for n in (8, 32):
+    tw = torch.randn(2, 2, int(math.log2(n)), n // 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, xx: butterfly_ops.butterfly_multiply(t, xx, False), (tw, x))
+print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+def test_butterfly_cpu_isas_in_fresh_process(ops, isa):
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    env = dict(os.environ, MONARCH_SEAM_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", BFLY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["isa"] == isa and out["worst"] <= 1.0, out
+
+
+# torch.compile(fullgraph=True) of a two-layer Monarch MLP at a size the op measures routes for, with each
+# large-shape route forced (the in-process compile test above stays below the tuning threshold).
+COMPILE_SCRIPT = """
+import torch
+from cuda.monarch_ops import kernel_available, monarch_multiply
+assert kernel_available()[0]  # build and register outside the compiled region
+def mlp(x, w1, w2, v1, v2):
+    return monarch_multiply(torch.relu(monarch_multiply(x, w1, w2)), v1, v2).sum()
+torch.manual_seed(5)
+x = torch.randn(256, 256)
+params = [(torch.randn(4, 64, 64) / 8).requires_grad_() for _ in range(4)]
+fn = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+got = fn(x, *params)
+g_got = torch.autograd.grad(got, params)
+want = mlp(x, *params)
+g_want = torch.autograd.grad(want, params)
+torch.testing.assert_close(got, want)
+for a, b in zip(g_got, g_want):
+    torch.testing.assert_close(a, b)
+print("COMPILE_OK", torch.ops.monarch_seam.cpu_route("fwd_h", [256, 4, 64, 64, 4, 64, 64], torch.float32))
+"""
+
+
+@pytest.mark.parametrize("route", ["engine", "blas"])
+def test_torch_compile_fullgraph_large_shape_routes(ops, route):
+    env = dict(os.environ, MONARCH_SEAM_CPU_ROUTE=route, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"COMPILE_OK {route}" in res.stdout, res.stdout
+
+
 FALLBACK = """
 import warnings, torch
 from layers.monarch import monarch_multiply, monarch_multiply_ref
