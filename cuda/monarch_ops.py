@@ -9,8 +9,19 @@ Same math as `layers.monarch.monarch_multiply_ref`. Ops (schemas in cuda/monarch
   monarch_fwd_h(x, w1, w2) -> (out, h)           h: the stage-1 activations (B*K*Q,) in a
                                                  device-specific layout, saved for backward
   monarch_bwd(grad, x, w1, w2, h?) -> (dx, dw1, dw2)   h=None recomputes stage 1
+  cpu_route(dir, [B, K, P, Q, L, S, R], dtype) -> str   the CPU route taken for a shape (below)
 Fake (meta) kernels and autograd formulas are registered here, so the ops work under
 `torch.compile(fullgraph=True)` and pass `torch.library.opcheck`.
+
+How the CPU op picks its path, per call, from the shape (cuda/monarch.cpp, "routes" and "route choice"):
+three routes compute the same product: `engine` (the hand-written packed-GEMM engine, permutations read in
+place), `aten` (the two-bmm algorithm of the reference, through ATen) and `blas` (the BLAS torch ships, MKL
+or OpenBLAS, on strided sub-matrices). Products of under 4 MFLOP take `aten`. For larger ones, the first call
+of a shape key (direction, the factor shapes, dtype, thread count and the token count rounded up to a power
+of two) times all three on its real inputs and keeps the fastest; the decisions are cached in
+`cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later processes on the same CPU do
+not measure again. MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route (e.g. for bit-identical runs
+across machines, since routes sum in different orders).
 """
 import os
 import warnings
@@ -114,7 +125,8 @@ def _check(x, w1, w2):
 
 def monarch_multiply(x, w1, w2):
     """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
-    K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2."""
+    K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the route (engine, aten or blas)
+    is picked per call from the shape, as the module docstring describes."""
     _check(x, w1, w2)
     # Plain global flags first, so that torch.compile only sees the op call once things are loaded.
     if not _registered:
