@@ -242,10 +242,148 @@ constexpr int kMaxRows = 64;  // the most rows a tile can have
 // power-of-two row distance every row of a tile would fall into the same L1 sets.
 inline int64_t pitch_of(int64_t n, int64_t elem) { return n + 64 / elem; }
 
+// Runtime stride below the vector width (a predictable branch per use).
+template <class T, int VB>
+static inline __attribute__((always_inline)) typename V_<T, VB>::type swap_rt(typename V_<T, VB>::type a,
+                                                                            int64_t st) {
+  constexpr int W = VB / sizeof(T);
+  if constexpr (W >= 16) if (st == 8) return swap_lanes<T, VB, 8>(a);
+  if constexpr (W >= 8) if (st == 4) return swap_lanes<T, VB, 4>(a);
+  if constexpr (W >= 4) if (st == 2) return swap_lanes<T, VB, 2>(a);
+  if constexpr (W >= 2) return swap_lanes<T, VB, 1>(a);
+  return a;
+}
+
+// Passes: consecutive factors whose strides are all below the vector width run in registers, one load and
+// one store per vector for the whole run ("run"); two consecutive larger strides a, b (forward only) are one
+// radix-4 pass over {i, i+a, i+b, i+a+b} ("pair", a != b); any other factor is a pass of its own ("one").
+enum PassKind { kRun, kOne, kPair };
+struct Pass {
+  int64_t f0, f1;  // factors [f0, f1)
+  PassKind kind;
+};
+constexpr int kMaxRun = 4;  // strides 1, 2, 4, 8: at most log2(16) factors below a 16-lane vector
+
+inline std::vector<Pass> plan_passes(const BDims& d, bool inc, int W, bool pairs) {
+  std::vector<Pass> out;
+  for (int64_t f = 0; f < d.nf;) {
+    if (bstride(d, f, inc) < W) {
+      int64_t g = f + 1;
+      while (g < d.nf && g - f < kMaxRun && bstride(d, g, inc) < W) ++g;
+      out.push_back({f, g, kRun});
+      f = g;
+    } else if (pairs && f + 1 < d.nf && bstride(d, f + 1, inc) >= W &&
+               bstride(d, f + 1, inc) != bstride(d, f, inc)) {  // a block boundary repeats a stride
+      out.push_back({f, f + 2, kPair});
+      f += 2;
+    } else {
+      out.push_back({f, f + 1, kOne});
+      f += 1;
+    }
+  }
+  return out;
+}
+
+template <class T, int VB>
+static inline __attribute__((always_inline)) void fwd_run(const BDims& d, const T* pl, int64_t f0, int64_t f1,
+                                                          bool inc, const T* const* src, T* const* dst, int R) {
+  typedef typename V_<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  const int nr = int(f1 - f0);
+  int64_t st[kMaxRun];
+  for (int j = 0; j < nr; ++j) st[j] = bstride(d, f0 + j, inc);
+  for (int64_t c = 0; c < d.n; c += W) {
+    V cs[kMaxRun], cp[kMaxRun];
+    for (int j = 0; j < nr; ++j) {
+      cs[j] = ld<T, VB>(pl + (f0 + j) * 2 * d.n + c);
+      cp[j] = ld<T, VB>(pl + (f0 + j) * 2 * d.n + d.n + c);
+    }
+    for (int r = 0; r < R; ++r) {
+      V v = ld<T, VB>(src[r] + c);
+      for (int j = 0; j < nr; ++j) v = cs[j] * v + cp[j] * swap_rt<T, VB>(v, st[j]);
+      sto<T, VB>(dst[r] + c, v);
+    }
+  }
+}
+
+template <class T, int VB>
+static inline __attribute__((always_inline)) void fwd_pair(int64_t n, int64_t a, int64_t b, const T* pa,
+                                                           const T* pb, const T* const* src, T* const* dst, int R) {
+  typedef typename V_<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  const int64_t lo = std::min(a, b), hi = std::max(a, b);
+  const T *csa = pa, *cpa = pa + n, *csb = pb, *cpb = pb + n;
+  for (int64_t b0 = 0; b0 < n; b0 += 2 * hi)
+    for (int64_t b1 = b0; b1 < b0 + hi; b1 += 2 * lo)
+      for (int64_t o = 0; o < lo; o += W) {
+        const int64_t i0 = b1 + o, i1 = i0 + a, i2 = i0 + b, i3 = i0 + a + b;
+        const V sa0 = ld<T, VB>(csa + i0), sa1 = ld<T, VB>(csa + i1), sa2 = ld<T, VB>(csa + i2),
+                sa3 = ld<T, VB>(csa + i3);
+        const V qa0 = ld<T, VB>(cpa + i0), qa1 = ld<T, VB>(cpa + i1), qa2 = ld<T, VB>(cpa + i2),
+                qa3 = ld<T, VB>(cpa + i3);
+        const V sb0 = ld<T, VB>(csb + i0), sb1 = ld<T, VB>(csb + i1), sb2 = ld<T, VB>(csb + i2),
+                sb3 = ld<T, VB>(csb + i3);
+        const V qb0 = ld<T, VB>(cpb + i0), qb1 = ld<T, VB>(cpb + i1), qb2 = ld<T, VB>(cpb + i2),
+                qb3 = ld<T, VB>(cpb + i3);
+        for (int r = 0; r < R; ++r) {
+          const V x0 = ld<T, VB>(src[r] + i0), x1 = ld<T, VB>(src[r] + i1), x2 = ld<T, VB>(src[r] + i2),
+                  x3 = ld<T, VB>(src[r] + i3);
+          // factor a pairs (i0, i1) and (i2, i3), then factor b pairs (i0, i2) and (i1, i3)
+          const V y0 = sa0 * x0 + qa0 * x1, y1 = sa1 * x1 + qa1 * x0;
+          const V y2 = sa2 * x2 + qa2 * x3, y3 = sa3 * x3 + qa3 * x2;
+          sto<T, VB>(dst[r] + i0, sb0 * y0 + qb0 * y2);
+          sto<T, VB>(dst[r] + i2, sb2 * y2 + qb2 * y0);
+          sto<T, VB>(dst[r] + i1, sb1 * y1 + qb1 * y3);
+          sto<T, VB>(dst[r] + i3, sb3 * y3 + qb3 * y1);
+        }
+      }
+}
+
+// Backward through a run, in registers: recompute the run's activations from its input v, then sweep the
+// gradient back through its factors, accumulating the plane gradients over the tile's rows.
+template <class T, int VB>
+static inline __attribute__((always_inline)) void bwd_run(const BDims& d, const T* pl, T* dpl, int64_t f0,
+                                                          int64_t f1, bool inc, const T* const* v, T* const* g,
+                                                          int R) {
+  typedef typename V_<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  const int nr = int(f1 - f0);
+  int64_t st[kMaxRun];
+  for (int j = 0; j < nr; ++j) st[j] = bstride(d, f0 + j, inc);
+  for (int64_t c = 0; c < d.n; c += W) {
+    V cs[kMaxRun], cp[kMaxRun], cq[kMaxRun], ds[kMaxRun], dp[kMaxRun];
+    for (int j = 0; j < nr; ++j) {
+      cs[j] = ld<T, VB>(pl + (f0 + j) * 2 * d.n + c);
+      cp[j] = ld<T, VB>(pl + (f0 + j) * 2 * d.n + d.n + c);
+      cq[j] = swap_rt<T, VB>(cp[j], st[j]);  // cq[i] = cp[i ^ st]
+      ds[j] = V{};
+      dp[j] = V{};
+    }
+    for (int r = 0; r < R; ++r) {
+      V a[kMaxRun];
+      a[0] = ld<T, VB>(v[r] + c);
+      for (int j = 1; j < nr; ++j) a[j] = cs[j - 1] * a[j - 1] + cp[j - 1] * swap_rt<T, VB>(a[j - 1], st[j - 1]);
+      V gg = ld<T, VB>(g[r] + c);
+      for (int j = nr - 1; j >= 0; --j) {
+        ds[j] += gg * a[j];
+        dp[j] += gg * swap_rt<T, VB>(a[j], st[j]);
+        gg = cs[j] * gg + cq[j] * swap_rt<T, VB>(gg, st[j]);
+      }
+      sto<T, VB>(g[r] + c, gg);
+    }
+    for (int j = 0; j < nr; ++j) {
+      T* dcs = dpl + (f0 + j) * 2 * d.n + c;
+      sto<T, VB>(dcs, ld<T, VB>(dcs) + ds[j]);
+      sto<T, VB>(dcs + d.n, ld<T, VB>(dcs + d.n) + dp[j]);
+    }
+  }
+}
+
 template <class T, int VB>
 static inline __attribute__((always_inline)) void fwd_tile_body(const BDims& d, const T* planes, bool inc,
                                                                 const T* const* xr, T* const* outr, int R,
                                                                 int64_t stk, T* scratch) {
+  constexpr int W = VB / sizeof(T);
   if (d.nf == 0) {
     for (int r = 0; r < R; ++r) std::memcpy(outr[r], xr[r], d.n * sizeof(T));
     return;
@@ -253,43 +391,71 @@ static inline __attribute__((always_inline)) void fwd_tile_body(const BDims& d, 
   const int64_t pitch = pitch_of(d.n, sizeof(T));
   T* buf[kMaxRows];
   for (int r = 0; r < R; ++r) buf[r] = scratch + r * pitch;
-  // x -> buffer (first factor), buffer in place, buffer -> output (last factor)
-  for (int64_t f = 0; f < d.nf; ++f) {
-    const T* cs = planes + (stk * d.nf + f) * 2 * d.n;
-    fwd_factor<T, VB>(d.n, bstride(d, f, inc), cs, cs + d.n, f == 0 ? xr : buf, f == d.nf - 1 ? outr : buf, R);
+  const T* pl = planes + stk * d.nf * 2 * d.n;  // this stack's planes
+  const std::vector<Pass> passes = plan_passes(d, inc, W, true);
+  const int np = int(passes.size());
+  // x -> buffer (first pass), buffer in place, buffer -> output (last pass)
+  for (int i = 0; i < np; ++i) {
+    const Pass& ps = passes[i];
+    const T* const* src = i == 0 ? xr : buf;
+    T* const* dst = i == np - 1 ? outr : buf;
+    if (ps.kind == kRun) {
+      fwd_run<T, VB>(d, pl, ps.f0, ps.f1, inc, src, dst, R);
+    } else if (ps.kind == kPair) {
+      fwd_pair<T, VB>(d.n, bstride(d, ps.f0, inc), bstride(d, ps.f0 + 1, inc), pl + ps.f0 * 2 * d.n,
+                      pl + (ps.f0 + 1) * 2 * d.n, src, dst, R);
+    } else {
+      const T* cs = pl + ps.f0 * 2 * d.n;
+      fwd_factor<T, VB>(d.n, bstride(d, ps.f0, inc), cs, cs + d.n, src, dst, R);
+    }
   }
 }
 
-// scratch: (nf + 1) * R rows at the padded pitch: every factor's output, then the gradient rows. The
+// scratch: (passes + 1) * R rows at the padded pitch: every pass's output, then the gradient rows. The
 // gradient rows gr hold the incoming gradient and receive dx; dpl: this chunk's plane-gradient
-// accumulator (all stacks).
+// accumulator (all stacks). Backward passes are runs and single factors (no pairs), so every factor's
+// input is either stored or recomputed in registers.
 template <class T, int VB>
 static inline __attribute__((always_inline)) void bwd_tile_body(const BDims& d, const T* planes, bool inc,
                                                                 const T* const* xr, T* const* gr, int R,
                                                                 int64_t stk, T* scratch, T* dpl) {
+  constexpr int W = VB / sizeof(T);
   const int64_t pitch = pitch_of(d.n, sizeof(T));
-  // input of factor f, row r: x itself for f == 0, else scratch row (f - 1) * R + r
-  auto act = [&](int64_t f, int r) -> T* { return scratch + ((f - 1) * R + r) * pitch; };
+  const std::vector<Pass> passes = plan_passes(d, inc, W, false);
+  const int np = int(passes.size());
+  // input of pass i, row r: x itself for i == 0, else scratch row (i - 1) * R + r
+  auto act = [&](int i, int r) -> T* { return scratch + (int64_t(i - 1) * R + r) * pitch; };
+  const T* pl = planes + stk * d.nf * 2 * d.n;
+  T* dp = dpl + stk * d.nf * 2 * d.n;
   const T* vin[kMaxRows];
   T* vout[kMaxRows];
-  for (int64_t f = 0; f < d.nf; ++f) {
+  for (int i = 0; i + 1 < np; ++i) {  // the last pass's output is not needed
     for (int r = 0; r < R; ++r) {
-      vin[r] = f == 0 ? xr[r] : act(f, r);
-      vout[r] = act(f + 1, r);
+      vin[r] = i == 0 ? xr[r] : act(i, r);
+      vout[r] = act(i + 1, r);
     }
-    const T* cs = planes + (stk * d.nf + f) * 2 * d.n;
-    fwd_factor<T, VB>(d.n, bstride(d, f, inc), cs, cs + d.n, vin, vout, R);
+    const Pass& ps = passes[i];
+    if (ps.kind == kRun) {
+      fwd_run<T, VB>(d, pl, ps.f0, ps.f1, inc, vin, vout, R);
+    } else {
+      const T* cs = pl + ps.f0 * 2 * d.n;
+      fwd_factor<T, VB>(d.n, bstride(d, ps.f0, inc), cs, cs + d.n, vin, vout, R);
+    }
   }
   T* g[kMaxRows];
   for (int r = 0; r < R; ++r) {
-    g[r] = act(d.nf + 1, r);
+    g[r] = act(np, r);
     std::memcpy(g[r], gr[r], d.n * sizeof(T));
   }
-  for (int64_t f = d.nf - 1; f >= 0; --f) {
-    for (int r = 0; r < R; ++r) vin[r] = f == 0 ? xr[r] : act(f, r);
-    const int64_t off = (stk * d.nf + f) * 2 * d.n;
-    bwd_factor<T, VB>(d.n, bstride(d, f, inc), planes + off, planes + off + d.n, vin, g, dpl + off,
-                      dpl + off + d.n, R);
+  for (int i = np - 1; i >= 0; --i) {
+    for (int r = 0; r < R; ++r) vin[r] = i == 0 ? xr[r] : act(i, r);
+    const Pass& ps = passes[i];
+    if (ps.kind == kRun) {
+      bwd_run<T, VB>(d, pl, dp, ps.f0, ps.f1, inc, vin, g, R);
+    } else {
+      const int64_t off = ps.f0 * 2 * d.n;
+      bwd_factor<T, VB>(d.n, bstride(d, ps.f0, inc), pl + off, pl + off + d.n, vin, g, dp + off, dp + off + d.n, R);
+    }
   }
   for (int r = 0; r < R; ++r) std::memcpy(gr[r], g[r], d.n * sizeof(T));
 }
