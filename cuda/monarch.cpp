@@ -121,8 +121,8 @@ MONARCH_SEAM_UK(uk_f64_base, double, , 16, 4)                                   
 
 // ---------------------------------------------------------------- block interleave
 // dst[i*dst_row + s*L + l] = src[l*src_plane + i*n + s] for i < rows, s < n: the Monarch output
-// permutation (and its transpose in the backward pass) on a tile in cache. For L = 2 and 4 it is a few
-// two-source shuffles per W outputs (one interleave stage per factor 2 of L); other L are scalar.
+// permutation (and its transpose in the backward pass) on a tile in cache. For L a power of two up to the
+// vector width W it is log2(L) stages of two-source shuffles per L*W outputs; other L are scalar.
 template <class T, int VB, int U, int... J>
 constexpr typename Vec<T, VB>::mask interleave_mask(int half, std::integer_sequence<int, J...>) {
   // out[j] = (j % 2U < U ? a : b)[half*W/2 + (j / 2U)*U + j % U]; b's lanes are numbered W..2W-1
@@ -138,42 +138,56 @@ static inline __attribute__((always_inline)) typename Vec<T, VB>::type ilv(typen
   return __builtin_shuffle(a, b, m);
 }
 
+// The interleave of L vectors v_0..v_{L-1}: out holds the sequence o[s*L + l] = v_l[s], s < W. Recursively:
+// interleave each half, then merge the two sequences in units of L/2 elements.
+template <class T, int VB, int L>
+static inline __attribute__((always_inline)) void ilv_vecs(const typename Vec<T, VB>::type* v,
+                                                           typename Vec<T, VB>::type* out) {
+  typedef typename Vec<T, VB>::type V;
+  if constexpr (L == 1) {
+    out[0] = v[0];
+  } else {
+    V x[L / 2], y[L / 2];
+    ilv_vecs<T, VB, L / 2>(v, x);
+    ilv_vecs<T, VB, L / 2>(v + L / 2, y);
+#pragma GCC unroll 16
+    for (int k = 0; k < L / 2; ++k) {
+      out[2 * k] = ilv<T, VB, L / 2, 0>(x[k], y[k]);
+      out[2 * k + 1] = ilv<T, VB, L / 2, 1>(x[k], y[k]);
+    }
+  }
+}
+
+// Rows of the vectorised interleave for a power of two L <= W; returns the first s not done (the tail).
+template <class T, int VB, int L>
+static inline __attribute__((always_inline)) int64_t ilv_row(int64_t n, const T* s0, int64_t src_plane, T* o) {
+  typedef typename Vec<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  int64_t s = 0;
+  for (; s + W <= n; s += W) {
+    V v[L], out[L];
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) std::memcpy(&v[l], s0 + l * src_plane + s, VB);
+    ilv_vecs<T, VB, L>(v, out);
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) std::memcpy(o + L * s + l * W, &out[l], VB);
+  }
+  return s;
+}
+
 template <class T, int VB>
 static inline __attribute__((always_inline)) void interleave_body(int64_t rows, int64_t L, int64_t n,
                                                                   const T* src, int64_t src_plane, T* dst,
                                                                   int64_t dst_row) {
-  typedef typename Vec<T, VB>::type V;
   constexpr int W = VB / sizeof(T);
   for (int64_t i = 0; i < rows; ++i) {
     T* o = dst + i * dst_row;
     const T* s0 = src + i * n;
     int64_t s = 0;
-    if (L == 4 && W >= 4) {
-      for (; s + W <= n; s += W) {
-        V v0, v1, v2, v3;
-        std::memcpy(&v0, s0 + s, VB);
-        std::memcpy(&v1, s0 + src_plane + s, VB);
-        std::memcpy(&v2, s0 + 2 * src_plane + s, VB);
-        std::memcpy(&v3, s0 + 3 * src_plane + s, VB);
-        const V a0 = ilv<T, VB, 1, 0>(v0, v1), a1 = ilv<T, VB, 1, 1>(v0, v1);
-        const V b0 = ilv<T, VB, 1, 0>(v2, v3), b1 = ilv<T, VB, 1, 1>(v2, v3);
-        const V o0 = ilv<T, VB, 2, 0>(a0, b0), o1 = ilv<T, VB, 2, 1>(a0, b0);
-        const V o2 = ilv<T, VB, 2, 0>(a1, b1), o3 = ilv<T, VB, 2, 1>(a1, b1);
-        std::memcpy(o + 4 * s, &o0, VB);
-        std::memcpy(o + 4 * s + W, &o1, VB);
-        std::memcpy(o + 4 * s + 2 * W, &o2, VB);
-        std::memcpy(o + 4 * s + 3 * W, &o3, VB);
-      }
-    } else if (L == 2 && W >= 2) {
-      for (; s + W <= n; s += W) {
-        V v0, v1;
-        std::memcpy(&v0, s0 + s, VB);
-        std::memcpy(&v1, s0 + src_plane + s, VB);
-        const V o0 = ilv<T, VB, 1, 0>(v0, v1), o1 = ilv<T, VB, 1, 1>(v0, v1);
-        std::memcpy(o + 2 * s, &o0, VB);
-        std::memcpy(o + 2 * s + W, &o1, VB);
-      }
-    }
+    if constexpr (W >= 2) if (L == 2) s = ilv_row<T, VB, 2>(n, s0, src_plane, o);
+    if constexpr (W >= 4) if (L == 4) s = ilv_row<T, VB, 4>(n, s0, src_plane, o);
+    if constexpr (W >= 8) if (L == 8) s = ilv_row<T, VB, 8>(n, s0, src_plane, o);
+    if constexpr (W >= 16) if (L == 16) s = ilv_row<T, VB, 16>(n, s0, src_plane, o);
     for (; s < n; ++s)
       for (int64_t l = 0; l < L; ++l) o[s * L + l] = s0[l * src_plane + s];
   }
