@@ -193,6 +193,67 @@ static inline __attribute__((always_inline)) void interleave_body(int64_t rows, 
   }
 }
 
+// The inverse: dst[l*dst_plane + i*n + s] = src[i*src_row + s*L + l] (a tile's h, split into its L output
+// groups so that stage 2 reads them contiguously). Undo the last merge (units of L/2), then recurse.
+template <class T, int VB, int U, int SECOND, int... J>
+constexpr typename Vec<T, VB>::mask deinterleave_mask(std::integer_sequence<int, J...>) {
+  constexpr int W = VB / sizeof(T);
+  return typename Vec<T, VB>::mask{(J < W / 2 ? 0 : W) + 2 * ((J % (W / 2)) / U) * U + SECOND * U + J % U ...};
+}
+
+template <class T, int VB, int L>
+static inline __attribute__((always_inline)) void dilv_vecs(const typename Vec<T, VB>::type* c,
+                                                            typename Vec<T, VB>::type* v) {
+  typedef typename Vec<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  if constexpr (L == 1) {
+    v[0] = c[0];
+  } else {
+    constexpr auto mx = deinterleave_mask<T, VB, L / 2, 0>(std::make_integer_sequence<int, W>());
+    constexpr auto my = deinterleave_mask<T, VB, L / 2, 1>(std::make_integer_sequence<int, W>());
+    V x[L / 2], y[L / 2];
+#pragma GCC unroll 16
+    for (int k = 0; k < L / 2; ++k) {
+      x[k] = __builtin_shuffle(c[2 * k], c[2 * k + 1], mx);
+      y[k] = __builtin_shuffle(c[2 * k], c[2 * k + 1], my);
+    }
+    dilv_vecs<T, VB, L / 2>(x, v);
+    dilv_vecs<T, VB, L / 2>(y, v + L / 2);
+  }
+}
+
+template <class T, int VB, int L>
+static inline __attribute__((always_inline)) int64_t dilv_row(int64_t n, const T* s0, T* o, int64_t dst_plane) {
+  typedef typename Vec<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  int64_t s = 0;
+  for (; s + W <= n; s += W) {
+    V c[L], v[L];
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) std::memcpy(&c[l], s0 + L * s + l * W, VB);
+    dilv_vecs<T, VB, L>(c, v);
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) std::memcpy(o + l * dst_plane + s, &v[l], VB);
+  }
+  return s;
+}
+
+template <class T, int VB>
+static inline __attribute__((always_inline)) void deinterleave_body(int64_t rows, int64_t L, int64_t n,
+                                                                    const T* src, int64_t src_row, T* dst,
+                                                                    int64_t dst_plane) {
+  constexpr int W = VB / sizeof(T);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s0 = src + i * src_row;
+    T* o = dst + i * n;
+    int64_t s = 0;
+    if constexpr (W >= 8) if (L == 8) s = dilv_row<T, VB, 8>(n, s0, o, dst_plane);
+    if constexpr (W >= 16) if (L == 16) s = dilv_row<T, VB, 16>(n, s0, o, dst_plane);
+    for (; s < n; ++s)
+      for (int64_t l = 0; l < L; ++l) o[l * dst_plane + s] = s0[s * L + l];
+  }
+}
+
 template <class T>
 using IlFn = void (*)(int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t);
 
@@ -200,6 +261,10 @@ using IlFn = void (*)(int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t)
   TARGET void NAME(int64_t rows, int64_t L, int64_t n, const T* src, int64_t src_plane, T* dst,       \
                    int64_t dst_row) {                                                                 \
     interleave_body<T, VB>(rows, L, n, src, src_plane, dst, dst_row);                                 \
+  }                                                                                                   \
+  TARGET void d##NAME(int64_t rows, int64_t L, int64_t n, const T* src, int64_t src_row, T* dst,      \
+                      int64_t dst_plane) {                                                            \
+    deinterleave_body<T, VB>(rows, L, n, src, src_row, dst, dst_plane);                               \
   }
 MONARCH_SEAM_IL(il_f32_avx512, float, __attribute__((target("avx512f"))), 64)
 MONARCH_SEAM_IL(il_f64_avx512, double, __attribute__((target("avx512f"))), 64)
@@ -213,24 +278,25 @@ template <class T>
 struct Engine {
   int mr, nr;
   UkFn<T> fn;
-  IlFn<T> il;
+  IlFn<T> il;   // the output permutation (interleave of L blocks)
+  IlFn<T> dil;  // its inverse (a tile's h split into L contiguous groups)
 };
 template <class T>
 Engine<T> engine();
 template <>
 Engine<float> engine<float>() {
   switch (isa()) {
-    case kAvx512: return {8, 48, uk_f32_avx512, il_f32_avx512};
-    case kAvx2: return {4, 24, uk_f32_avx2, il_f32_avx2};
-    default: return {4, 12, uk_f32_base, il_f32_base};
+    case kAvx512: return {8, 48, uk_f32_avx512, il_f32_avx512, dil_f32_avx512};
+    case kAvx2: return {4, 24, uk_f32_avx2, il_f32_avx2, dil_f32_avx2};
+    default: return {4, 12, uk_f32_base, il_f32_base, dil_f32_base};
   }
 }
 template <>
 Engine<double> engine<double>() {
   switch (isa()) {
-    case kAvx512: return {8, 24, uk_f64_avx512, il_f64_avx512};
-    case kAvx2: return {4, 12, uk_f64_avx2, il_f64_avx2};
-    default: return {4, 6, uk_f64_base, il_f64_base};
+    case kAvx512: return {8, 24, uk_f64_avx512, il_f64_avx512, dil_f64_avx512};
+    case kAvx2: return {4, 12, uk_f64_avx2, il_f64_avx2, dil_f64_avx2};
+    default: return {4, 6, uk_f64_base, il_f64_base, dil_f64_base};
   }
 }
 
@@ -418,6 +484,7 @@ void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hs
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     T* hbuf = hsave ? nullptr : scratch<T>(kHbuf, tile * KQ);
     T* obuf = scratch<T>(kObuf, d.L * tile * sc);
+    T* gbuf = d.L >= 8 ? scratch<T>(kDsb, tile * KQ) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
       T* H = hsave ? hsave + b0 * KQ : hbuf;
@@ -429,11 +496,19 @@ void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hs
       // block l reads h[b, r*L + l]: the A view with strides (K*Q, L). Its output is made sc columns at a
       // time for all blocks (so that the L blocks of a chunk stay in cache) and interleaved into
       // out[b, s*L + l] from there.
+      // For L >= 8 the strided view would touch a new cache line at every k step, so the tile's h is
+      // first split into L contiguous (tb x R) groups (one pass over it, in cache).
+      const T* A2 = H + 0;
+      int64_t ars = KQ, acs = d.L, lstride = 1;
+      if (d.L >= 8) {
+        e.dil(tb, d.L, d.R, H, KQ, gbuf, tb * d.R);
+        A2 = gbuf, ars = d.R, acs = 1, lstride = tb * d.R;
+      }
       for (int64_t s0 = 0; s0 < d.S; s0 += sc) {
         const int64_t sn = std::min(sc, d.S - s0);
         for (int64_t l = 0; l < d.L; ++l)
-          gemm(e, tb, sn, d.R, H + l, KQ, d.L, w2p + l * w2s + (s0 / e.nr) * d.R * e.nr, obuf + l * tb * sn, sn,
-               false);
+          gemm(e, tb, sn, d.R, A2 + l * lstride, ars, acs, w2p + l * w2s + (s0 / e.nr) * d.R * e.nr,
+               obuf + l * tb * sn, sn, false);
         e.il(tb, d.L, sn, obuf, tb * sn, out + b0 * LS + s0 * d.L, LS);
       }
     }
