@@ -631,3 +631,7 @@ def test_bench_quick_smoke(ops):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "speedup" in res.stdout and "monarch_kernel" in res.stdout, res.stdout
+    # the dense baseline is the faster of F.linear and oneDNN, named per row; the kernel's route is named
+    assert "baseline" in res.stdout and ("dense_onednn" in res.stdout or not torch.backends.mkldnn.is_available())
+    kernel_rows = [ln.split() for ln in res.stdout.splitlines() if " monarch_kernel " in ln]
+    assert kernel_rows and all(r[-1].split("+")[0] in ("engine", "aten", "blas") for r in kernel_rows), kernel_rows
