@@ -10,6 +10,7 @@ import importlib
 FAMILIES = {
     'vitae': 'models.vitae',
     'cifar': 'models.cifar',
+    'timm': 'models.structured',  # any timm model name (pretrained=False), structured MLPs by keyword
 }
 
 
@@ -27,5 +28,9 @@ def build_model(config):
     models = registry(config['family'])
     name = config['name']
     if name not in models:
+        if len(models) > 20:  # timm: a thousand names; say the closest ones
+            from models.structured import close_matches
+            near = close_matches(name, models)
+            raise ValueError(f"unknown {config['family']} model {name!r}; closest: {', '.join(near) or 'none'}")
         raise ValueError(f"unknown {config['family']} model {name!r}; known: {', '.join(sorted(models))}")
     return models[name](**dict(config.get('kwargs') or {}))
