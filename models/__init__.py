@@ -34,3 +34,33 @@ def build_model(config):
             raise ValueError(f"unknown {config['family']} model {name!r}; closest: {', '.join(near) or 'none'}")
         raise ValueError(f"unknown {config['family']} model {name!r}; known: {', '.join(sorted(models))}")
     return models[name](**dict(config.get('kwargs') or {}))
+
+
+def family_of(name):
+    """'vitae' for a ViTAE variant, 'timm' for any other name timm knows; ValueError naming the closest names."""
+    vitae = registry('vitae')
+    if name in vitae:
+        return 'vitae'
+    timm_models = registry('timm')
+    if name in timm_models:
+        return 'timm'
+    from models.structured import close_matches
+    near = close_matches(name, list(vitae) + list(timm_models))
+    raise ValueError(f"unknown model {name!r} (neither a ViTAE variant nor a timm model); closest: "
+                     f"{', '.join(near) or 'none'}; ViTAE variants: {', '.join(sorted(vitae))}")
+
+
+def parse_model_kwargs(items):
+    """['patch_size=4', 'class_token=false', 'global_pool=avg'] -> {'patch_size': 4, 'class_token': False,
+    'global_pool': 'avg'}: each value read as JSON (numbers, true/false/null, lists), else kept as a string."""
+    import json
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'--model-kwargs takes KEY=VALUE items, got {item!r}')
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

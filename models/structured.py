@@ -36,7 +36,8 @@ what eval.py and the flops module say; without ``example_input`` the FLOP entrie
 
 The ``timm`` model family (``MODELS``, used by ``models.build_model``): any name timm knows, built with
 ``pretrained=False``; the keywords ``mlp``, ``nblocks``, ``monarch_attn``, ``impl``, ``pixelfly_*`` are taken off and
-applied by ``convert`` (fresh init), the rest go to ``timm.create_model``.
+applied by ``convert`` (fresh init, report kept as ``model.structured_report``), the rest go to
+``timm.create_model`` (``img_size`` is dropped for a network that takes none, e.g. a convnet).
 """
 import collections.abc
 import difflib
@@ -333,12 +334,21 @@ def build_timm(name, **kwargs):
     opts = _options(struct)
     if 'pretrained' in kwargs:
         raise ValueError('the timm family never downloads weights: leave pretrained out and load a file')
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if 'img_size' not in kwargs or 'img_size' not in str(e):
+            raise
+        # a network without a fixed input size (convnets): it takes none, any size works
+        kwargs = {k: v for k, v in kwargs.items() if k != 'img_size'}
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    report = None
     if mlp != 'dense' or monarch_attn:
         report = convert(model, mlp, attn='monarch' if monarch_attn else None, init='fresh', **opts)
         if report['count'] == 0:
             raise ValueError(f'{name} has no MLP block the converter knows (timm Mlp/GluMlp/SwiGLU/GatedMlp); '
                              'use mlp=dense')
+    model.structured_report = report
     model.config = {'family': 'timm', 'name': name,
                     'kwargs': dict(kwargs, mlp=mlp, monarch_attn=monarch_attn, **opts)}
     return model
