@@ -86,6 +86,8 @@ def check_args(args):
         raise UserError('--batch-size, --nproc and --latency-batch must be >= 1 and --latency-iters >= 0')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda but no CUDA device is visible; use --device cpu')
+    if (args.weights_key or args.allow_partial) and not args.weights:
+        raise UserError('--weights-key and --allow-partial apply to --weights PATH; pass one or drop them')
     if bool(args.model) != bool(args.weights):
         raise UserError('--model and --weights go together (a model name and the weights file to load into it)')
     if not args.checkpoints and not args.weights:

@@ -47,9 +47,9 @@ MLPS = ('dense', 'monarch', 'butterfly', 'pixelfly')
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--model', default='vitae_basic_tiny', help='vitae_basic_tiny | vitae_basic_6m | vitae_basic_13m | vitae_basic_small, '
-      'or any timm model name (built with pretrained=False)')
-    a('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='more constructor keywords (e.g. patch_size=4)')
+    a('--model', default='vitae_basic_tiny', help='vitae_basic_tiny | vitae_basic_6m | vitae_basic_13m | '
+      'vitae_basic_small, or any timm model name (built with pretrained=False)')
+    a('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='constructor keywords, e.g. patch_size=4')
     a('--mlp', default='monarch', choices=MLPS, help='linear layers of every MLP block (models/structured.py)')
     a('--nblocks', type=int, default=4, help='Monarch blocks (must divide the MLP widths)')
     a('--monarch-attn', action='store_true', help='also make attention qkv/proj Monarch')
@@ -174,6 +174,8 @@ def validate(args):
         model = build_model(config)  # raises ValueError naming a bad nblocks / img_size / ...
     except TypeError as e:  # a timm constructor that does not take a --model-kwargs keyword
         raise UserError(f'{args.model} cannot be built with {config["kwargs"]}: {e}') from None
+    if (args.weights_key or args.allow_partial) and not args.init_from:
+        raise UserError('--weights-key and --allow-partial apply to --init-from PATH; pass one or drop them')
     if args.init_from:
         load_init(args, config, model)
     resume = resolve_resume(args)

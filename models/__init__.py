@@ -2,6 +2,9 @@
 
 Every checkpoint the project writes stores ``{'family': ..., 'name': ..., 'kwargs': {...}}`` under ``'model'``, so
 ``build_model(ckpt['model'])`` rebuilds the exact network without pickled classes or ``eval`` of strings.
+Families: 'vitae' (models/vitae.py), 'cifar' (models/cifar.py), 'timm' (any timm model name, pretrained=False, with
+structured MLPs by keyword: models/structured.py). ``family_of(name)`` tells a ViTAE variant from a timm name and
+names the closest matches of an unknown one.
 """
 import importlib
 
