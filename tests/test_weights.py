@@ -156,3 +156,11 @@ def test_another_architecture_is_a_one_line_key_error(tmp_path, capsys):
              '--allow-partial', '--json', str(out)])
     assert 'warning:' in capsys.readouterr().err
     assert json.loads(out.read_text())['results'][0]['samples'] == 359
+
+
+def test_unknown_model_name_lists_close_matches(tmp_path, capsys):
+    for main, extra in ((tvm.main, ['--output', str(tmp_path / 'runs')]),
+                        (ev.main, ['--weights', str(tmp_path / 'w.pth'), '--dataset', 'digits'])):
+        err = _user_error(capsys, main, '--model', 'vit_tiny_patch16', *extra)
+        assert "unknown model 'vit_tiny_patch16'" in err and 'closest: ' in err and 'vit_tiny_patch16_224' in err
+    assert not os.path.exists(tmp_path / 'runs')
