@@ -11,7 +11,8 @@
         --dataset imagenet --data-dir /imagenet --split val --img-size 224     # an official (or any) weights file
     python eval.py --model vit_tiny_patch16_224 --weights vit.safetensors --mlp monarch --dataset imagenet ...
 
---model NAME --weights PATH (with or next to checkpoints): NAME is a ViTAE variant or any timm model, built with
+--model NAME --weights PATH (with or next to checkpoints): NAME is a ViTAE variant, one of this project's CIFAR nets
+(resnet20, vgg16_bn: chenyaofo/pytorch-cifar-models files load as they are) or any timm model, built with
 pretrained=False for the dataset's classes at --img-size (default: the dataset's), with --mlp/--nblocks applied by
 models/structured.py; PATH is any file models/weights.py reads (this project's, official ViTAE/timm training
 dicts, raw state dicts, .safetensors). Dense MLP weights are projected into structured layers. Keys that do not
@@ -53,7 +54,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('checkpoints', nargs='*', metavar='CKPT', help='checkpoints of this project; ratios are against the first')
-    a('--model', default=None, help='with --weights: a ViTAE variant or any timm model name (pretrained=False)')
+    a('--model', default=None, help='with --weights: a ViTAE variant, resnet20 / vgg16_bn (CIFAR) or a timm model')
     a('--weights', default=None, metavar='PATH', help='weights file for --model (any format models/weights.py reads)')
     a('--weights-key', default=None, choices=('state_dict', 'state_dict_ema'), help='--weights: which weights')
     a('--allow-partial', action='store_true', help='--weights: load what fits, warn about the rest')
@@ -150,11 +151,17 @@ def prepare_weights(args, quiet=False):
     from models.weights import load_weights
     info = data.dataset_info(args.dataset)
     n, img = info['num_classes'], args.img_size or info['img_size']
-    kwargs = dict(num_classes=n, img_size=img, mlp=args.mlp, nblocks=args.nblocks,
-                  monarch_attn=args.monarch_attn and args.mlp != 'dense',
-                  impl='ref' if args.device == 'cpu' else 'auto')
+    family = family_of(args.model, ('vitae', 'cifar', 'timm'))
+    if family == 'cifar':  # this project's 32x32 CNNs (chenyaofo/pytorch-cifar-models keys): no MLP to convert
+        if args.mlp != 'dense' or args.monarch_attn:
+            raise UserError(f'{args.model} is a CNN without MLP blocks: drop --mlp/--monarch-attn')
+        kwargs = dict(num_classes=n)
+    else:
+        kwargs = dict(num_classes=n, img_size=img, mlp=args.mlp, nblocks=args.nblocks,
+                      monarch_attn=args.monarch_attn and args.mlp != 'dense',
+                      impl='ref' if args.device == 'cpu' else 'auto')
     kwargs.update(parse_model_kwargs(args.model_kwargs))
-    cfg = {'family': family_of(args.model), 'name': args.model, 'kwargs': kwargs}
+    cfg = {'family': family, 'name': args.model, 'kwargs': kwargs}
     try:
         model = build_model(cfg)
     except TypeError as e:

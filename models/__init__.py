@@ -3,8 +3,8 @@
 Every checkpoint the project writes stores ``{'family': ..., 'name': ..., 'kwargs': {...}}`` under ``'model'``, so
 ``build_model(ckpt['model'])`` rebuilds the exact network without pickled classes or ``eval`` of strings.
 Families: 'vitae' (models/vitae.py), 'cifar' (models/cifar.py), 'timm' (any timm model name, pretrained=False, with
-structured MLPs by keyword: models/structured.py). ``family_of(name)`` tells a ViTAE variant from a timm name and
-names the closest matches of an unknown one.
+structured MLPs by keyword: models/structured.py). ``family_of(name)`` finds a name's family and names the closest
+matches of an unknown one.
 """
 import importlib
 
@@ -39,18 +39,18 @@ def build_model(config):
     return models[name](**dict(config.get('kwargs') or {}))
 
 
-def family_of(name):
-    """'vitae' for a ViTAE variant, 'timm' for any other name timm knows; ValueError naming the closest names."""
-    vitae = registry('vitae')
-    if name in vitae:
-        return 'vitae'
-    timm_models = registry('timm')
-    if name in timm_models:
-        return 'timm'
+def family_of(name, families=('vitae', 'timm')):
+    """The first of ``families`` whose registry has ``name`` (default: a ViTAE variant, else any timm model; eval.py
+    also looks in 'cifar' before timm, so this project's CIFAR vgg16_bn wins over timm's ImageNet one); ValueError
+    naming the closest names otherwise."""
+    for family in families:
+        if name in registry(family):
+            return family
     from models.structured import close_matches
-    near = close_matches(name, list(vitae) + list(timm_models))
-    raise ValueError(f"unknown model {name!r} (neither a ViTAE variant nor a timm model); closest: "
-                     f"{', '.join(near) or 'none'}; ViTAE variants: {', '.join(sorted(vitae))}")
+    known = [n for family in families for n in registry(family)]
+    small = [n for family in families if family != 'timm' for n in sorted(registry(family))]
+    raise ValueError(f"unknown model {name!r} (not a {' / '.join(families)} model); closest: "
+                     f"{', '.join(close_matches(name, known)) or 'none'}; this project's: {', '.join(small)}")
 
 
 def parse_model_kwargs(items):

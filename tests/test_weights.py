@@ -164,3 +164,21 @@ def test_unknown_model_name_lists_close_matches(tmp_path, capsys):
         err = _user_error(capsys, main, '--model', 'vit_tiny_patch16', *extra)
         assert "unknown model 'vit_tiny_patch16'" in err and 'closest: ' in err and 'vit_tiny_patch16_224' in err
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_eval_builds_a_cifar_net_for_a_chenyaofo_style_file(tmp_path):
+    """A raw state dict of this project's resnet20 (chenyaofo/pytorch-cifar-models keys) through eval.py --model."""
+    torch.manual_seed(5)
+    src = build_model({'family': 'cifar', 'name': 'resnet20', 'kwargs': {'num_classes': 10}}).eval()
+    with torch.no_grad():
+        for m in src.modules():  # non-trivial BatchNorm statistics, so that they must load too
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(src.state_dict(), tmp_path / 'cifar10_resnet20.pt')
+    argv = ['--model', 'resnet20', '--weights', str(tmp_path / 'cifar10_resnet20.pt'), '--dataset', 'cifar10']
+    entry = ev.prepare_weights(ev.get_args(argv))
+    assert entry['name'] == 'resnet20' and entry['kind'] == 'state_dict' and entry['img_size'] == 32
+    assert torch.equal(logits(entry['model']), logits(src))
+    with pytest.raises(common.UserError, match='without MLP blocks'):
+        ev.prepare_weights(ev.get_args([*argv, '--mlp', 'monarch']))
