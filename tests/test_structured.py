@@ -224,5 +224,5 @@ def test_timm_family_builds_and_rebuilds():
     assert 'img_size' not in conv.config['kwargs'] and conv(X).shape == (2, 3)  # a convnet takes no img_size
     with pytest.raises(ValueError, match="closest: .*vit_tiny_patch16_224"):
         models.build_model({'family': 'timm', 'name': 'vit_tiny_patch16', 'kwargs': {}})
-    with pytest.raises(ValueError, match="closest: .*mixer_b16_224.*ViTAE variants: vitae_basic_13m"):
+    with pytest.raises(ValueError, match="closest: .*mixer_b16_224.*this project.s: vitae_basic_13m"):
         models.family_of('mixer_b16')
