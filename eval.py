@@ -7,6 +7,16 @@
     python eval.py last.pt --dataset imagenet --data-dir /imagenet --split val --real-json real.json \\
         --device cuda --amp bf16 --batch-size 256 --nproc 8                        # 8 GPUs (mp.spawn), ReaL too
     torchrun --nproc_per_node 8 eval.py last.pt --dataset imagenet --data-dir /imagenet --split val --device cuda
+    python eval.py --model vitae_basic_tiny --weights ViTAE-T.pth.tar --weights-key state_dict_ema \
+        --dataset imagenet --data-dir /imagenet --split val --img-size 224     # an official (or any) weights file
+    python eval.py --model vit_tiny_patch16_224 --weights vit.safetensors --mlp monarch --dataset imagenet ...
+
+--model NAME --weights PATH (with or next to checkpoints): NAME is a ViTAE variant, one of this project's CIFAR nets
+(resnet20, vgg16_bn: chenyaofo/pytorch-cifar-models files load as they are) or any timm model, built with
+pretrained=False for the dataset's classes at --img-size (default: the dataset's), with --mlp/--nblocks applied by
+models/structured.py; PATH is any file models/weights.py reads (this project's, official ViTAE/timm training
+dicts, raw state dicts, .safetensors). Dense MLP weights are projected into structured layers. Keys that do not
+fit: one-line error, or with --allow-partial a warning (those weights stay as initialised).
 
 Kinds: 'vitae_train' (EMA weights when the checkpoint has them, unless --no-ema), 'cifar_base', 'seam_module' and
 'seam_masks' (the base weights + SeaM masks + module head, all in its state dict: masks are re-enabled with the
@@ -43,7 +53,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('checkpoints', nargs='+', metavar='CKPT', help='checkpoints of this project; ratios are against the first')
+    a('checkpoints', nargs='*', metavar='CKPT', help='checkpoints of this project; ratios are against the first')
+    a('--model', default=None, help='with --weights: a ViTAE variant, resnet20 / vgg16_bn (CIFAR) or a timm model')
+    a('--weights', default=None, metavar='PATH', help='weights file for --model (any format models/weights.py reads)')
+    a('--weights-key', default=None, choices=('state_dict', 'state_dict_ema'), help='--weights: which weights')
+    a('--allow-partial', action='store_true', help='--weights: load what fits, warn about the rest')
+    a('--mlp', default='dense', choices=('dense', 'monarch', 'butterfly', 'pixelfly'), help='--model: MLP layers')
+    a('--nblocks', type=int, default=4, help='--model: Monarch blocks')
+    a('--monarch-attn', action='store_true', help='--model: Monarch attention qkv/proj too')
+    a('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='--model: more constructor keywords')
     a('--dataset', required=True, choices=data.NAMES)
     a('--data-dir', default=None)
     a('--split', default='test', choices=('test', 'val'))
@@ -69,6 +87,12 @@ def check_args(args):
         raise UserError('--batch-size, --nproc and --latency-batch must be >= 1 and --latency-iters >= 0')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda but no CUDA device is visible; use --device cpu')
+    if (args.weights_key or args.allow_partial) and not args.weights:
+        raise UserError('--weights-key and --allow-partial apply to --weights PATH; pass one or drop them')
+    if bool(args.model) != bool(args.weights):
+        raise UserError('--model and --weights go together (a model name and the weights file to load into it)')
+    if not args.checkpoints and not args.weights:
+        raise UserError('nothing to evaluate: pass checkpoints of this project and/or --model NAME --weights PATH')
     if args.real_json and (args.dataset != 'imagenet' or args.split != 'val'):
         raise UserError('--real-json needs --dataset imagenet --split val (ReaL relabels the ImageNet val set)')
 
@@ -117,6 +141,47 @@ def prepare(path, args):
     return dict(path=path, kind=kind, model=model, name=name, weights=weights, task=task, classes=classes,
                 seed=int(cargs.get('seed', 0)), img_size=int(img), n_classes=n_out, data_seed=data_seed,
                 n_data_classes=n_data)
+
+
+def prepare_weights(args, quiet=False):
+    """--model NAME --weights PATH: the model built and loaded (see the module docstring), described like
+    ``prepare``'s checkpoints."""
+    from models import family_of, parse_model_kwargs
+    from models.structured import describe_key_problems, load_projected
+    from models.weights import load_weights
+    info = data.dataset_info(args.dataset)
+    n, img = info['num_classes'], args.img_size or info['img_size']
+    family = family_of(args.model, ('vitae', 'cifar', 'timm'))
+    if family == 'cifar':  # this project's 32x32 CNNs (chenyaofo/pytorch-cifar-models keys): no MLP to convert
+        if args.mlp != 'dense' or args.monarch_attn:
+            raise UserError(f'{args.model} is a CNN without MLP blocks: drop --mlp/--monarch-attn')
+        kwargs = dict(num_classes=n)
+    else:
+        kwargs = dict(num_classes=n, img_size=img, mlp=args.mlp, nblocks=args.nblocks,
+                      monarch_attn=args.monarch_attn and args.mlp != 'dense',
+                      impl='ref' if args.device == 'cpu' else 'auto')
+    kwargs.update(parse_model_kwargs(args.model_kwargs))
+    cfg = {'family': family, 'name': args.model, 'kwargs': kwargs}
+    try:
+        model = build_model(cfg)
+    except TypeError as e:
+        raise UserError(f'{args.model} cannot be built with {kwargs}: {e}') from None
+    state, winfo = load_weights(args.weights, args.weights_key)
+    res = load_projected(model, state, allow_partial=args.allow_partial, name=f'{args.model} (mlp={args.mlp})')
+    left = describe_key_problems(res['missing'], res['unexpected'], res['mismatched'])
+    if left and not quiet:
+        print(f'warning: {args.weights}: --allow-partial left these as initialised: {left}', file=sys.stderr)
+    model.eval()
+    name = args.model + (f'/{args.mlp}' if args.mlp != 'dense' else '')
+    return dict(path=args.weights, kind=winfo['format'], model=model, name=name, weights=winfo['key'] or 'file',
+                task=None, classes=None, seed=0, img_size=int(img), n_classes=n, n_data_classes=n,
+                data_seed=args.data_seed if args.data_seed is not None else 0)
+
+
+def prepare_all(args, quiet=False):
+    """Every entry to evaluate: the checkpoints, then --model/--weights."""
+    entries = [prepare(p, args) for p in args.checkpoints]
+    return entries + ([prepare_weights(args, quiet)] if args.weights else [])
 
 
 def eval_dataset(e, args):
@@ -228,7 +293,7 @@ def worker(rank, world_size, args):
         device = torch.device('cuda', common.local_rank(rank)) if args.device == 'cuda' else torch.device('cpu')
         if device.type == 'cuda':
             torch.cuda.set_device(device)
-        entries = [prepare(p, args) for p in args.checkpoints]
+        entries = prepare_all(args, quiet=True)
         real = data.load_real_labels(args.real_json) if args.real_json else None
         if real is not None and any(e['task'] for e in entries):
             raise UserError('--real-json scores the 1000 ImageNet classes; a SeaM task checkpoint has other labels')
@@ -262,7 +327,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     # Validate everything in this process first, so a user mistake is one line before any process starts.
-    entries = [prepare(p, args) for p in args.checkpoints]
+    entries = prepare_all(args)
     for key in {(e['img_size'], e['data_seed']) for e in entries}:
         e = next(x for x in entries if (x['img_size'], x['data_seed']) == key)
         if args.real_json:

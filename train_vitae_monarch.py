@@ -10,6 +10,9 @@
     python train_vitae_monarch.py --mlp dense --output runs/dense  # dense baseline, then fine-tune it as Monarch:
     python train_vitae_monarch.py --init-from runs/dense/001/last.pt
     python train_vitae_monarch.py --resume auto                    # continue the latest run under --output
+    python train_vitae_monarch.py --model vit_tiny_patch16_224 --model-kwargs patch_size=4 --mlp monarch  # any timm
+    python train_vitae_monarch.py --init-from ViTAE-T.pth.tar --weights-key state_dict_ema --dataset imagenet \
+        --data-dir DIR --img-size 224 --device cuda --amp bf16    # Monarch fine-tune from an official dense checkpoint
     # ImageNet (the paper's recipe): --dataset imagenet --data-dir DIR --img-size 224 --epochs 300 --batch-size 1024
     #     --blr 5e-4 --warmup-epochs 5 --mixup 0.8 --cutmix 1.0 --drop-path 0.1 --ema-halflife-kimg 17700 --amp bf16
 
@@ -36,7 +39,7 @@ from tqdm import tqdm
 import common
 import data
 from common import UserError
-from models import build_model, registry
+from models import build_model, family_of, parse_model_kwargs
 
 MLPS = ('dense', 'monarch', 'butterfly', 'pixelfly')
 
@@ -44,8 +47,10 @@ MLPS = ('dense', 'monarch', 'butterfly', 'pixelfly')
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--model', default='vitae_basic_tiny', help='vitae_basic_tiny | vitae_basic_6m | vitae_basic_13m | vitae_basic_small')
-    a('--mlp', default='monarch', choices=MLPS, help='linear layers of every normal-cell MLP')
+    a('--model', default='vitae_basic_tiny', help='vitae_basic_tiny | vitae_basic_6m | vitae_basic_13m | '
+      'vitae_basic_small, or any timm model name (built with pretrained=False)')
+    a('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='constructor keywords, e.g. patch_size=4')
+    a('--mlp', default='monarch', choices=MLPS, help='linear layers of every MLP block (models/structured.py)')
     a('--nblocks', type=int, default=4, help='Monarch blocks (must divide the MLP widths)')
     a('--monarch-attn', action='store_true', help='also make attention qkv/proj Monarch')
     a('--impl', default=None, choices=('auto', 'ref', 'kernel'), help='structured-layer kernel (default: ref on CPU, auto on GPU)')
@@ -79,7 +84,10 @@ def get_args(argv=None):
     a('--data-seed', type=int, default=0, help='seed of the train/val/test split (keep fixed across runs)')
     a('--output', default='runs/vitae_monarch', help='runs are numbered folders under this directory')
     a('--resume', default='', help="'auto' (latest run under --output, else a new run) or a path to last.pt")
-    a('--init-from', default='', help='dense ViTAE checkpoint whose weights are projected into this Monarch model')
+    a('--init-from', default='', help='weights to start from (this project\'s, official ViTAE/timm, raw state dict, '
+      '.safetensors); dense MLP weights are projected into the structured layers')
+    a('--weights-key', default=None, choices=('state_dict', 'state_dict_ema'), help='--init-from: which weights')
+    a('--allow-partial', action='store_true', help='--init-from: load what fits, warn about the rest (e.g. the head)')
     a('--num-classes', type=int, default=10, help='classes of the synthetic dataset')
     a('--limit-train-batches', type=int, default=0, help='stop each epoch after this many steps (tests)')
     a('--limit-eval-batches', type=int, default=0, help='evaluate on this many batches only (tests; not exact)')
@@ -93,10 +101,32 @@ def model_config(args, mlp=None):
     info = data.dataset_info(args.dataset)
     num_classes = args.num_classes if args.dataset == 'synthetic' else info['num_classes']
     impl = args.impl or ('ref' if args.device == 'cpu' else 'auto')
-    return {'family': 'vitae', 'name': args.model, 'kwargs': dict(
-        num_classes=num_classes, img_size=args.img_size, drop_path_rate=args.drop_path, mlp=mlp or args.mlp,
-        nblocks=args.nblocks, monarch_attn=args.monarch_attn and (mlp or args.mlp) != 'dense', impl=impl,
-        performer_drop_rate=args.performer_drop)}
+    family = family_of(args.model)
+    kwargs = dict(num_classes=num_classes, img_size=args.img_size, drop_path_rate=args.drop_path, mlp=mlp or args.mlp,
+                  nblocks=args.nblocks, monarch_attn=args.monarch_attn and (mlp or args.mlp) != 'dense', impl=impl)
+    if family == 'vitae':
+        kwargs['performer_drop_rate'] = args.performer_drop
+    extra = parse_model_kwargs(args.model_kwargs)
+    taken = sorted(set(extra) & (set(kwargs) | {'performer_drop_rate'}))
+    if taken:
+        raise UserError(f"--model-kwargs {', '.join(taken)}: set these with their own flags (--img-size, --mlp, ...)")
+    return {'family': family, 'name': args.model, 'kwargs': dict(kwargs, **extra)}
+
+
+def load_init(args, config, model):
+    """--init-from into ``model``: any weights file (models/weights.py); dense MLP weights projected into the
+    structured layers (models/structured.py). Keys that do not fit: one-line error, or with --allow-partial a
+    warning. Returns the line to print."""
+    from models.structured import describe_key_problems, load_projected
+    from models.weights import load_weights
+    state, info = load_weights(args.init_from, args.weights_key)
+    if info['format'] == 'project':
+        check_checkpoint(args.init_from, config, 'init')  # same variant, dense weights
+    res = load_projected(model, state, allow_partial=args.allow_partial, name=f'{args.model} (mlp={args.mlp})')
+    left = describe_key_problems(res['missing'], res['unexpected'], res['mismatched'])
+    src = f"{info['format']}{', ' + repr(info['key']) if info['key'] else ''}"
+    return (f"initialised from {args.init_from} ({src}): {len(res['projected'])} dense layers projected into "
+            f"{args.mlp} layers" + (f' | warning: --allow-partial left these as initialised: {left}' if left else ''))
 
 
 def resolve_resume(args):
@@ -124,8 +154,7 @@ def check_checkpoint(path, config, what):
 
 def validate(args):
     """Every user mistake we can see before starting processes -> UserError/ValueError (one line, exit 2)."""
-    if args.model not in registry('vitae'):
-        raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(sorted(registry('vitae')))}")
+    family_of(args.model)  # unknown name -> ValueError with the closest names
     for name in ('epochs', 'batch_size', 'eval_batch_size', 'nproc'):
         if getattr(args, name) < 1:
             raise UserError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
@@ -141,11 +170,14 @@ def validate(args):
     if n_train < args.batch_size:
         raise UserError(f'--batch-size {args.batch_size} exceeds the {n_train} training images')
     config = model_config(args)
-    build_model(config)  # raises ValueError naming a bad nblocks / img_size / ...
+    try:
+        model = build_model(config)  # raises ValueError naming a bad nblocks / img_size / ...
+    except TypeError as e:  # a timm constructor that does not take a --model-kwargs keyword
+        raise UserError(f'{args.model} cannot be built with {config["kwargs"]}: {e}') from None
+    if (args.weights_key or args.allow_partial) and not args.init_from:
+        raise UserError('--weights-key and --allow-partial apply to --init-from PATH; pass one or drop them')
     if args.init_from:
-        if args.mlp != 'monarch':
-            raise UserError('--init-from projects dense weights into Monarch layers: use it with --mlp monarch')
-        check_checkpoint(args.init_from, config, 'init')
+        load_init(args, config, model)
     resume = resolve_resume(args)
     if resume:
         check_checkpoint(resume, config, 'resume')
@@ -238,10 +270,11 @@ def train(rank, world_size, args):
     # --- model (same init on every rank: built right after the shared seed), EMA, optimizer, schedule
     config = model_config(args)
     model = build_model(config)
+    if getattr(model, 'structured_report', None):  # timm models: what the converter replaced
+        from models.structured import format_report
+        say(format_report(model.structured_report))
     if args.init_from:
-        from models.vitae import load_projected_state_dict
-        load_projected_state_dict(model, check_checkpoint(args.init_from, config, 'init')['state_dict'])
-        say(f'initialised from {args.init_from} (dense weights projected to Monarch, nblocks={args.nblocks})')
+        say(load_init(args, config, model))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if dist and args.sync_bn:

@@ -37,7 +37,7 @@ normal cells). Structured layers are imported only when asked for, so a dense mo
 Conversions:
     densify(model)                       -> dense-MLP model, structured weights replaced by their exact to_dense()
     project_to_monarch(dense, nblocks)   -> Monarch model, MLP weights = MonarchLinear.from_dense(dense weights)
-    load_projected_state_dict(model, sd) -> loads a dense state dict into a Monarch model (projecting on the way)
+    load_projected_state_dict(model, sd) -> loads a dense state dict into a structured model (projecting on the way)
 
 Every model carries ``model.config = {'family': 'vitae', 'name': ..., 'kwargs': {...}}`` (plain values only), which
 ``models.build_model(model.config)`` turns back into the same architecture.
@@ -53,6 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from models import structured
 
 __all__ = ['MODELS', 'ARCHS', 'DEFAULT_KWARGS', 'ViTAE', 'NormalCell', 'ReductionCell', 'vitae_basic_tiny',
            'vitae_basic_6m', 'vitae_basic_13m', 'vitae_basic_small', 'densify', 'project_to_monarch',
@@ -479,19 +481,14 @@ def _linear_factory(kw):
 
     def make_linear(kind, n_in, n_out):
         kind = kw['mlp'] if kind is None else kind
-        if kind == 'dense':
-            return nn.Linear(n_in, n_out)
-        # Lazy imports: a dense model needs nothing from layers/.
+        # One factory for every structured layer (models.structured, also behind convert() for timm models). The
+        # layers are built here, inside the cell, rather than converted afterwards, so that a model draws its
+        # random initialisation in the same order as before (the recorded digits runs stay reproducible).
         try:
-            if kind == 'monarch':
-                from layers.monarch import MonarchLinear
-                return MonarchLinear(n_in, n_out, nblocks=kw['nblocks'], impl=kw['impl'])
-            if kind == 'butterfly':
-                from layers.butterfly import Butterfly
-                return Butterfly(n_in, n_out, impl=kw['impl'])
-            from layers.butterfly import FlatBlockButterflyLinear
-            return FlatBlockButterflyLinear(n_in, n_out, kw['pixelfly_butterfly_size'], kw['pixelfly_n_factors'],
-                                            kw['pixelfly_block'], kw['pixelfly_lowrank'])
+            return structured.make_linear(kind, n_in, n_out, nblocks=kw['nblocks'], impl=kw['impl'],
+                                          pixelfly_butterfly_size=kw['pixelfly_butterfly_size'],
+                                          pixelfly_n_factors=kw['pixelfly_n_factors'],
+                                          pixelfly_block=kw['pixelfly_block'], pixelfly_lowrank=kw['pixelfly_lowrank'])
         except ValueError as e:
             if kind == 'pixelfly':  # the layer names its own arguments; say which of ours they are
                 hint = ('pixelfly_butterfly_size, pixelfly_n_factors, pixelfly_block, pixelfly_lowrank are the '
@@ -601,55 +598,19 @@ def densify(model):
     return dense
 
 
-def load_projected_state_dict(model, state_dict):
-    """Load ``state_dict`` into ``model``; for each MonarchLinear of the model whose weights the state dict holds in
-    dense form (``<name>.weight`` (out, in) and ``<name>.bias``), load ``MonarchLinear.from_dense`` of them (the
-    Frobenius-closest Monarch matrix: the Monarch paper's dense-to-sparse fine-tuning init). Everything else must
-    match by name and shape. A state dict that does not fit raises ValueError naming the first problem keys.
+def load_projected_state_dict(model, state_dict, allow_partial=False):
+    """Load ``state_dict`` into ``model``; for each structured layer of the model whose weights the state dict holds
+    in dense form (``<name>.weight`` (out, in) and ``<name>.bias``), load their projection
+    (``models.structured.project_entries``: for Monarch ``MonarchLinear.from_dense``, the Frobenius-closest Monarch
+    matrix, the Monarch paper's dense-to-sparse fine-tuning init; pixelfly: the kept blocks + a low-rank fit of
+    the rest; butterfly has none). Everything else must match by name and shape: a state dict that does not fit
+    raises ValueError with the counts and first few problem keys (``allow_partial``: load what fits).
     Returns ``model``."""
     _check_vitae(model, 'load_projected_state_dict(model, ...)')
     if not isinstance(state_dict, dict):
         raise ValueError(f'state_dict must be a dict of tensors, got {type(state_dict).__name__}')
-    name = model.config['name']
-    new = {}
-    consumed = set()
-    with torch.no_grad():
-        for slot, module in linear_slots(model):
-            if isinstance(module, nn.Linear) or slot + '.weight' not in state_dict:
-                continue
-            from layers.monarch import MonarchLinear
-            if not isinstance(module, MonarchLinear):
-                raise ValueError(f'{slot} is a {type(module).__name__}: only Monarch layers can be initialised from a '
-                                 'dense checkpoint (use mlp=\'monarch\')')
-            weight = state_dict[slot + '.weight']
-            bias = state_dict.get(slot + '.bias')
-            if tuple(weight.shape) != (module.out_features, module.in_features):
-                raise ValueError(f'checkpoint does not fit {name}: {slot}.weight has shape {tuple(weight.shape)}, '
-                                 f'the model needs ({module.out_features}, {module.in_features})')
-            # Project in float64: exact Monarch matrices come back to float32 rounding.
-            proj = MonarchLinear.from_dense(weight.detach().to(torch.float64), nblocks=module.nblocks,
-                                            bias=None if bias is None else bias.detach().to(torch.float64))
-            for pname, p in proj.named_parameters():
-                new[f'{slot}.{pname}'] = p.detach()
-            consumed.update({slot + '.weight', slot + '.bias'})
-    for key, value in state_dict.items():
-        if key not in consumed:
-            new[key] = value
-    target = model.state_dict()
-    missing = [k for k in target if k not in new]
-    unexpected = [k for k in new if k not in target]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise ValueError(f"checkpoint does not fit {name} (mlp={model.config['kwargs']['mlp']!r}): {'; '.join(parts)}")
-    for key, value in new.items():
-        if tuple(value.shape) != tuple(target[key].shape):
-            raise ValueError(f'checkpoint does not fit {name}: {key} has shape {tuple(value.shape)}, '
-                             f'the model needs {tuple(target[key].shape)}')
-    model.load_state_dict(new, strict=True)
+    name = f"{model.config['name']} (mlp={model.config['kwargs']['mlp']!r})"
+    structured.load_projected(model, state_dict, allow_partial=allow_partial, name=name)
     return model
 
 
