@@ -1,19 +1,25 @@
 """Small shared helpers for the scripts: user errors, DDP launch, checkpoints, run folders, logging, metrics.
 
-- ``UserError``; ``run_main(main)``: UserError / ValueError (incl. ``data.DataError``) -> ``error: ...`` on stderr, exit 2.
+- ``UserError``; ``run_main(main)``: UserError / ValueError (incl. ``data.DataError``) -> ``error: ...`` on stderr, exit 2;
+  ``NonFiniteError`` (a diverged training) -> one line, exit 3.
 - ``launch(worker, args, nproc)``: torchrun env present -> ``worker(RANK, WORLD_SIZE, args)`` in this process;
-  ``nproc > 1`` -> ``mp.spawn`` on a free port; else ``worker(0, 1, args)``. ``local_rank(rank)``.
+  ``nproc > 1`` -> ``mp.spawn`` on a free port; else ``worker(0, 1, args)``. ``local_rank(rank)``,
+  ``restart_count()`` (torchrun's), ``agent_store()`` (torchrun's store, which outlives restarts).
 - ``setup_distributed(rank, world_size, backend=None)`` (gloo on CPU, nccl on CUDA; no-op for 1 process),
   ``cleanup()``, ``is_main()``, ``broadcast_object(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
-- ``save_checkpoint(obj, path)`` (atomic), ``load_checkpoint(path, expected_kinds=None)`` (weights_only, one-line
-  UserError for anything that is not a checkpoint of this project). Format:
+- ``save_checkpoint(obj, path)`` (atomic; adds a SHA-256 ``digest`` of the content; removes temp files that killed
+  saves left in that folder), ``load_checkpoint(path, expected_kinds=None)`` (weights_only, digest verified, never
+  writes; one-line UserError for anything that is not an intact checkpoint of this project). Format:
   ``{'project': 'monarch-seam', 'kind': str, 'model': {'family', 'name', 'kwargs'}, 'state_dict': {...},
-  'args': dict, ...}``.
-- ``make_run_dir(output, args)``, ``latest_checkpoint(output, filename)``, ``Logger(run_dir, enabled)``.
+  'args': dict, 'digest': str, ...}``.
+- ``check_output_dir(path, flag)`` (before anything is created: a folder we can write, or one we can create),
+  ``check_output_file(path, flag)``, ``make_run_dir(output, args)``, ``write_json(path, obj)`` (atomic),
+  ``latest_checkpoint(output, filename)``, ``Logger(run_dir, enabled, resume_step)``.
 - ``seed_everything(seed)``, ``get_rng_state()`` / ``set_rng_state(state)``, ``count_params(model)``,
   ``convert_sync_batchnorm(model, device)``.
 """
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -22,6 +28,7 @@ import re
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -38,14 +45,19 @@ class UserError(Exception):
     """A mistake of the user (bad flag, missing file): reported as one line, exit code 2."""
 
 
+class NonFiniteError(Exception):
+    """Training diverged (non-finite loss or gradient norm): reported as one line, exit code 3."""
+
+
 def run_main(main):
-    """Call ``main()``; turn a user error into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
+    """Call ``main()``; a user error -> ``error: <message>`` on stderr, exit code 2; a diverged training ->
+    ``error: <message>``, exit code 3 (no traceback for either)."""
     try:
         main()
-    except (UserError, ValueError) as e:
+    except (UserError, ValueError, NonFiniteError) as e:
         msg = ' '.join(str(e).split()) or type(e).__name__
         print(f'error: {msg}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, NonFiniteError) else 2)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -59,6 +71,22 @@ def _free_port():
 
 def under_torchrun():
     return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
+
+
+def restart_count():
+    """How often torchrun restarted this worker group (``--max-restarts``); 0 outside torchrun."""
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) if under_torchrun() else 0
+
+
+def agent_store():
+    """A client of the key-value store torchrun's agent hosts at MASTER_ADDR:MASTER_PORT (it outlives worker
+    restarts, so a restarted worker can read what the first attempt wrote), or None outside torchrun / when the
+    agent does not share its store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    if not under_torchrun() or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != str(True):
+        return None
+    from datetime import timedelta
+    return dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                         timeout=timedelta(seconds=60))
 
 
 def local_rank(rank):
@@ -83,9 +111,10 @@ def launch(worker, args, nproc=1):
     except mp.ProcessRaisedException as e:
         # The child's traceback ends with "module.ErrorType: message"; a user error becomes one line here.
         last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-        m = re.match(r'^(?:[\w.]+\.)?(UserError|DataError|ValueError): (.*)$', last)
+        m = re.match(r'^(?:[\w.]+\.)?(UserError|DataError|ValueError|NonFiniteError): (.*)$', last)
         if m:
-            raise UserError(f'rank {e.error_index}: {m.group(2)}') from None
+            cls = NonFiniteError if m.group(1) == 'NonFiniteError' else UserError
+            raise cls(f'rank {e.error_index}: {m.group(2)}') from None
         raise
 
 
@@ -191,20 +220,86 @@ def convert_sync_batchnorm(model, device):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+def _digest_update(h, obj):
+    """Feed ``obj`` (the plain content of a checkpoint) into hash ``h``, with type tags so that different
+    structures can never hash alike; tensors by dtype, shape and raw bytes."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f'T{t.dtype}{tuple(obj.shape)}:'.encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b'')
+    elif isinstance(obj, dict):
+        h.update(f'D{len(obj)}:'.encode())
+        for k, v in obj.items():
+            _digest_update(h, k)
+            _digest_update(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f'{"L" if isinstance(obj, list) else "U"}{len(obj)}:'.encode())
+        for v in obj:
+            _digest_update(h, v)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)):
+        r = repr(obj).encode()
+        h.update(f'{type(obj).__name__}{len(r)}:'.encode() + r)
+    else:
+        raise TypeError(f'checkpoint content must be plain tensors/numbers/strings/containers, got {type(obj)}')
+
+
+def checkpoint_digest(obj):
+    """SHA-256 of everything in the checkpoint dict except its ``digest`` entry (hex string)."""
+    h = hashlib.sha256()
+    _digest_update(h, {k: v for k, v in obj.items() if k != 'digest'})
+    return h.hexdigest()
+
+
+_TMP_RE = re.compile(r'^\.(.+)\.tmp(\d+)$')
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Delete ``.NAME.tmpPID`` files (this project's half-written saves) whose writer process no longer runs."""
+    removed = []
+    for name in os.listdir(folder):
+        m = _TMP_RE.match(name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
 def save_checkpoint(obj, path):
-    """Write atomically: a temporary file in the same folder, then ``os.replace`` (a crash leaves the old file)."""
+    """Write atomically: a temporary file in the same folder, then ``os.replace`` (a crash leaves the old file).
+    A ``digest`` entry (``checkpoint_digest``) is added to a copy of ``obj``; ``load_checkpoint`` verifies it.
+    Temp files left by killed saves in this folder are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temp_files(folder)
+    obj = dict(obj)
+    obj['digest'] = checkpoint_digest(obj)
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, expected_kinds=None, map_location='cpu'):
-    """Load a checkpoint of this project with ``weights_only=True``; any problem -> one-line UserError."""
+    """Load a checkpoint of this project with ``weights_only=True`` and verify its digest; the file is only read.
+    Any problem -> one-line UserError naming the file."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path!r} not found (not a file); pass the path of a .pt file this project wrote')
     if not zipfile.is_zipfile(path):
@@ -218,6 +313,16 @@ def load_checkpoint(path, expected_kinds=None, map_location='cpu'):
         raise UserError(f'{path!r} is not a PyTorch checkpoint (unreadable or truncated file)') from None
     if not isinstance(obj, dict) or obj.get('project') != PROJECT:
         raise UserError(f"{path!r} is not a checkpoint of this project (no 'project': '{PROJECT}' entry)")
+    if not isinstance(obj.get('digest'), str):
+        raise UserError(f'{path!r} has no integrity digest (not written by common.save_checkpoint); it cannot be '
+                        'verified, so it is not used')
+    try:
+        digest = checkpoint_digest(obj)
+    except TypeError as e:
+        raise UserError(f'{path!r} is a malformed {PROJECT} checkpoint ({e})') from None
+    if digest != obj['digest']:
+        raise UserError(f'{path!r} is corrupted: its content does not match the digest written when it was saved '
+                        '(damaged file); use another checkpoint (e.g. an earlier run) or train again')
     missing = [k for k in ('kind', 'model', 'state_dict', 'args') if k not in obj]
     if missing or not isinstance(obj['model'], dict) or not isinstance(obj['state_dict'], dict):
         raise UserError(f'{path!r} is a malformed {PROJECT} checkpoint (missing or bad: {", ".join(missing) or "model"})')
@@ -248,8 +353,50 @@ def set_rng_state(state):
 
 # ------------------------------------------------------------------------------------------------ runs, logs
 
+def check_output_dir(path, flag='--output'):
+    """Before anything is created: ``path`` must be a folder we can write to, or creatable (its nearest existing
+    ancestor is a writable folder). Creates nothing (a probe file is made and removed). One-line UserError."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f'{flag} {path!r}: {probe!r} is a file, not a folder; pass a folder path')
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix='.write-probe-')
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise UserError(f'{flag} {path!r}: cannot write into {probe!r} ({e.strerror}); pass a writable folder') from None
+
+
+def check_output_file(path, flag='--json'):
+    """Before any work: ``path`` can be written (its folder exists and is writable, it is not a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path!r} is a folder; pass a file path')
+    if not os.path.isdir(folder):
+        raise UserError(f'{flag} {path!r}: the folder {folder!r} does not exist; create it or pass another path')
+    check_output_dir(folder, flag)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def make_run_dir(output, args=None):
-    """Create ``output/NNN`` (next free number) and save ``args`` (dict) there as ``args.json``."""
+    """Create ``output/NNN`` (next free number) and save ``args`` (dict) there as ``args.json``. Call it only when
+    the run is about to start (after every check), so a failed launch leaves no folder behind."""
     os.makedirs(output, exist_ok=True)
     nums = [int(d) for d in os.listdir(output) if d.isdigit()]
     n = max(nums, default=0) + 1
@@ -261,8 +408,7 @@ def make_run_dir(output, args=None):
         except FileExistsError:  # another job took this number meanwhile
             n += 1
     if args is not None:
-        with open(os.path.join(path, 'args.json'), 'w') as f:
-            json.dump(args, f, indent=2, sort_keys=True)
+        write_json(os.path.join(path, 'args.json'), args)
     return path
 
 
@@ -278,14 +424,38 @@ def latest_checkpoint(output, filename='last.pt'):
 
 
 class Logger:
-    """Rank-0 scalars to TensorBoard (SummaryWriter) and ``log.jsonl`` (one JSON object per line, flushed)."""
+    """Rank-0 scalars to TensorBoard (SummaryWriter) and ``log.jsonl`` (one JSON object per line, flushed).
 
-    def __init__(self, run_dir, enabled=True):
+    ``resume_step``: the step a resumed run restarts from. Whatever an interrupted attempt logged after it is
+    dropped, so nothing is repeated: TensorBoard events with a larger step are purged (``purge_step``) and
+    ``log.jsonl`` is cut to the records it had when the checkpoint was written (``keep_lines``, the checkpoint's
+    ``lines``; without it, records with a larger step are dropped)."""
+
+    def __init__(self, run_dir, enabled=True, resume_step=None, keep_lines=None):
         self.enabled = enabled
+        self.lines = 0
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(run_dir)
-            self.file = open(os.path.join(run_dir, 'log.jsonl'), 'a')
+            path = os.path.join(run_dir, 'log.jsonl')
+            if resume_step is not None and os.path.isfile(path):
+                with open(path) as f:
+                    old = f.readlines()
+                if keep_lines is not None:
+                    kept = old[:keep_lines]
+                else:
+                    kept = [ln for ln in old if _log_step(ln) is not None and _log_step(ln) <= resume_step]
+                if kept != old:
+                    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix='.log.jsonl.')
+                    with os.fdopen(fd, 'w') as f:
+                        f.writelines(kept)
+                    os.replace(tmp, path)
+                self.lines = len(kept)
+            elif os.path.isfile(path):
+                with open(path) as f:
+                    self.lines = sum(1 for _ in f)
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(run_dir, purge_step=purge)
+            self.file = open(path, 'a')
 
     def log(self, step, **scalars):
         if not self.enabled:
@@ -295,11 +465,19 @@ class Logger:
         self.file.write(json.dumps({'step': step, **scalars}) + '\n')
         self.file.flush()
         self.writer.flush()
+        self.lines += 1
 
     def close(self):
         if self.enabled:
             self.writer.close()
             self.file.close()
+
+
+def _log_step(line):
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ misc

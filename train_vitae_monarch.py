@@ -4,8 +4,8 @@
     python train_vitae_monarch.py --device cuda --amp bf16         # one GPU
     python train_vitae_monarch.py --device cuda --nproc 4          # 4 GPUs on this machine (mp.spawn, free port)
     python train_vitae_monarch.py --nproc 2                        # 2 CPU processes (gloo)
-    torchrun --nproc_per_node 4 train_vitae_monarch.py --device cuda                       # torchrun, one machine
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \\
+    torchrun --nproc_per_node 4 --max-restarts 3 train_vitae_monarch.py --device cuda      # torchrun, one machine
+    torchrun --nnodes 2 --nproc_per_node 8 --max-restarts 3 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \\
         --rdzv_id exp1 train_vitae_monarch.py --device cuda    # multi-node: same command on every node
     python train_vitae_monarch.py --mlp dense --output runs/dense  # dense baseline, then fine-tune it as Monarch:
     python train_vitae_monarch.py --init-from runs/dense/001/last.pt
@@ -15,6 +15,15 @@
         --data-dir DIR --img-size 224 --device cuda --amp bf16    # Monarch fine-tune from an official dense checkpoint
     # ImageNet (the paper's recipe): --dataset imagenet --data-dir DIR --img-size 224 --epochs 300 --batch-size 1024
     #     --blr 5e-4 --warmup-epochs 5 --mixup 0.8 --cutmix 1.0 --drop-path 0.1 --ema-halflife-kimg 17700 --amp bf16
+
+Under torchrun, a worker group restarted after a failure (--max-restarts N) continues the run folder its first
+attempt created, from its last.pt (nothing to pass: torchrun's store remembers the folder); a new torchrun command
+starts a new run unless given --resume. The python launches (1 process, --nproc) continue with --resume auto|PATH.
+On resume, flags that define the run (model, MLP, data, seed, optimizer; the process count when it would change the
+batch order) must match the checkpoint's; the others (epochs, lr, batch size, warmup, regularisation, logging) may
+change: they are applied (the lr schedule is rebuilt), listed in one line and recorded in args.json's "history".
+A non-finite loss or gradient norm skips the step; more than --max-bad-steps in a row stops the run (exit 3)
+before last.pt is written. Determinism: see README ("Reproducibility").
 
 --batch-size is the GLOBAL batch (split evenly over processes); the learning rate is --blr * global batch / 512.
 Each run writes runs/.../NNN/{args.json, log.jsonl, TensorBoard events, last.pt}; last.pt is rewritten atomically
@@ -26,6 +35,7 @@ ramped in as min(decay, (1 + step) / (10 + step)) so the average does not rememb
 """
 import argparse
 import copy
+import json
 import math
 import os
 import time
@@ -38,7 +48,7 @@ from tqdm import tqdm
 
 import common
 import data
-from common import UserError
+from common import NonFiniteError, UserError
 from models import build_model, family_of, parse_model_kwargs
 
 MLPS = ('dense', 'monarch', 'butterfly', 'pixelfly')
@@ -94,6 +104,9 @@ def get_args(argv=None):
     a('--stop-epoch', type=int, default=0, help='exit after this epoch (the schedule still spans --epochs)')
     a('--no-test', action='store_true', help='skip the final test-set evaluation')
     a('--progress', type=int, default=1, choices=(0, 1), help='tqdm progress bar on rank 0')
+    a('--max-bad-steps', type=int, default=2,
+      help='skip at most this many consecutive steps with a non-finite loss or gradient norm; one more stops the '
+           'run (exit 3) before last.pt is touched (with --amp fp16 the grad scaler handles non-finite gradients)')
     return p.parse_args(argv)
 
 
@@ -129,10 +142,77 @@ def load_init(args, config, model):
             f"{args.mlp} layers" + (f' | warning: --allow-partial left these as initialised: {left}' if left else ''))
 
 
-def resolve_resume(args):
+RUN_DIR_KEY = 'monarch_seam/run_dir'
+
+
+def resolve_run(args):
+    """(checkpoint to resume or None, existing run folder to continue or None).
+
+    A worker that torchrun restarted (restart count > 0) continues the run folder its first attempt created (read
+    from torchrun's agent store): from its last.pt, or from scratch in the same folder when the first attempt died
+    before its first checkpoint. Otherwise ``--resume auto|PATH`` decides."""
+    if common.restart_count() > 0:
+        store = common.agent_store()
+        if store is not None and store.check([RUN_DIR_KEY]):
+            run_dir = store.get(RUN_DIR_KEY).decode()
+            ck = os.path.join(run_dir, 'last.pt')
+            return (ck if os.path.isfile(ck) else None), run_dir
     if args.resume == 'auto':
-        return common.latest_checkpoint(args.output)
-    return args.resume or None
+        ck = common.latest_checkpoint(args.output)
+        return ck, (os.path.dirname(os.path.abspath(ck)) if ck else None)
+    if args.resume:
+        return args.resume, os.path.dirname(os.path.abspath(args.resume))
+    return None, None
+
+
+# Flags that define what is trained: a resume with any of them changed is refused (the checkpoint's weights,
+# optimizer state or data split would not mean what the new flags say). Every other flag may change on resume
+# and is applied (lr and schedule rebuilt, batch size, epochs, regularisation, logging, devices).
+FIXED = ('model', 'model_kwargs', 'mlp', 'nblocks', 'monarch_attn', 'dataset', 'img_size', 'data_seed', 'num_classes',
+         'seed', 'opt', 'augment')
+# how to start, not what is trained:
+NOT_COMPARED = ('resume', 'output', 'init_from', 'weights_key', 'allow_partial', 'nproc')
+
+
+def steps_per_epoch_of(n_train, world, batch, limit):
+    """Optimizer steps per epoch and whether they use DistributedSampler's padding (repeated samples)."""
+    spe = math.ceil(n_train / world) // (batch // world)
+    if limit:
+        spe = min(spe, limit)
+    return spe, spe * batch > n_train
+
+
+def resume_changes(ck, args, world, n_train, path):
+    """{flag: (old, new)} of the flags that differ from the checkpoint's run (world size as 'processes');
+    UserError for a change that cannot apply."""
+    old = ck['args']
+    if args.dataset != 'synthetic':
+        old = {k: v for k, v in old.items() if k != 'num_classes'}
+    changed = {k: (old[k], v) for k, v in vars(args).items() if k in old and k not in NOT_COMPARED and old[k] != v}
+    if args.dataset != 'synthetic':
+        changed.pop('num_classes', None)
+    fixed = [k for k in changed if k in FIXED]
+    if (old.get('ema_halflife_kimg', 0) > 0) != (args.ema_halflife_kimg > 0):
+        fixed.append('ema_halflife_kimg')
+    if fixed:
+        raise UserError(f"{path} was trained with {', '.join(f'--{flag(k)} {old.get(k)}' for k in fixed)}; resuming "
+                        f"with {', '.join(f'--{flag(k)} {getattr(args, k)}' for k in fixed)} cannot apply (start a "
+                        'new run with a new --output, or resume with the original values)')
+    old_world = int(ck.get('world_size', world))
+    if old_world != world:
+        old_pad = steps_per_epoch_of(n_train, old_world, old.get('batch_size', args.batch_size),
+                                     old.get('limit_train_batches', 0))[1]
+        new_pad = steps_per_epoch_of(n_train, world, args.batch_size, args.limit_train_batches)[1]
+        if old_pad or new_pad:
+            raise UserError(f'{path} was trained on {old_world} process(es); {world} would change the order of the '
+                            'training batches (padded last batch of DistributedSampler); resume with '
+                            f'{old_world} processes')
+        changed['processes'] = (old_world, world)
+    return changed
+
+
+def flag(key):
+    return key.replace('_', '-')
 
 
 def check_checkpoint(path, config, what):
@@ -158,6 +238,18 @@ def validate(args):
     for name in ('epochs', 'batch_size', 'eval_batch_size', 'nproc'):
         if getattr(args, name) < 1:
             raise UserError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    for name in ('workers', 'threads', 'limit_train_batches', 'limit_eval_batches', 'stop_epoch', 'max_bad_steps'):
+        if getattr(args, name) < 0:
+            raise UserError(f'--{flag(name)} must be >= 0, got {getattr(args, name)}')
+    for name in ('blr', 'min_lr_ratio', 'warmup_epochs', 'weight_decay', 'label_smoothing', 'mixup', 'cutmix',
+                 'drop_path', 'performer_drop', 'ema_halflife_kimg', 'clip_grad'):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v < 0 or (name == 'blr' and v == 0):
+            raise UserError(f'--{flag(name)} must be a finite number {"> 0" if name == "blr" else ">= 0"}, got {v}')
+    for name in ('label_smoothing', 'drop_path', 'performer_drop', 'min_lr_ratio'):
+        if getattr(args, name) > 1 or (name != 'min_lr_ratio' and getattr(args, name) == 1):
+            raise UserError(f'--{flag(name)} must be {"<= 1" if name == "min_lr_ratio" else "< 1"}, '
+                            f'got {getattr(args, name)}')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda but no CUDA device is available; use --device cpu')
     world = int(os.environ['WORLD_SIZE']) if common.under_torchrun() else args.nproc
@@ -178,9 +270,11 @@ def validate(args):
         raise UserError('--weights-key and --allow-partial apply to --init-from PATH; pass one or drop them')
     if args.init_from:
         load_init(args, config, model)
-    resume = resolve_resume(args)
+    resume, run_dir = resolve_run(args)
+    common.check_output_dir(run_dir or args.output, '--resume' if run_dir else '--output')
     if resume:
-        check_checkpoint(resume, config, 'resume')
+        ck = check_checkpoint(resume, config, 'resume')
+        resume_changes(ck, args, world, n_train, resume)
 
 
 def lr_lambda(total, warmup, min_ratio):
@@ -242,13 +336,9 @@ def train(rank, world_size, args):
     torch.use_deterministic_algorithms(device.type == 'cpu', warn_only=True)
     say = print if is_main else (lambda *a, **k: None)
 
-    # --- where this run lives: rank 0 decides (new numbered folder or the resumed one) and tells the others
-    resume = resolve_resume(args)
-    run_dir = None
-    if is_main:
-        run_dir = os.path.dirname(os.path.abspath(resume)) if resume else common.make_run_dir(args.output, vars(args))
-    run_dir = common.broadcast_object(run_dir)
-    resume = common.broadcast_object(resume)
+    # --- where this run lives: rank 0 decides (the resumed folder, or a new numbered one made below, once every
+    # check has passed) and tells the others
+    resume, run_dir = common.broadcast_object(resolve_run(args) if is_main else None)
 
     # --- data: global batch split evenly; DistributedSampler shards one shared permutation (1 process == N)
     common.seed_everything(args.seed)
@@ -266,6 +356,13 @@ def train(rank, world_size, args):
     if args.limit_train_batches:
         steps_per_epoch = min(steps_per_epoch, args.limit_train_batches)
     total_steps = args.epochs * steps_per_epoch
+    start_epoch = step = 0
+    ck, changes = None, {}
+    if resume:
+        ck = check_checkpoint(resume, model_config(args), 'resume')
+        start_epoch, step = ck['epoch'], ck['step']
+        changes = resume_changes(ck, args, world_size, len(train_set), resume)
+        total_steps = step + max(0, args.epochs - start_epoch) * steps_per_epoch
 
     # --- model (same init on every rank: built right after the shared seed), EMA, optimizer, schedule
     config = model_config(args)
@@ -288,19 +385,17 @@ def train(rank, world_size, args):
               {'params': other_params, 'weight_decay': 0.0}]
     optimizer = (torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999)) if args.opt == 'adamw'
                  else torch.optim.SGD(groups, lr=lr, momentum=0.9))
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     ema_decay = 0.5 ** (args.batch_size / (1000 * args.ema_halflife_kimg)) if ema is not None else 0.0
 
-    start_epoch = step = 0
     if resume:
-        ck = check_checkpoint(resume, config, 'resume')
         model.load_state_dict(ck['state_dict'])
-        optimizer.load_state_dict(ck['optimizer'])
-        scheduler.load_state_dict(ck['scheduler'])
+        optimizer.load_state_dict(ck['optimizer'])  # moments; lr and weight decay come from this run's flags:
+        for g, wd in zip(optimizer.param_groups, (args.weight_decay, 0.0)):
+            g['lr'] = g['initial_lr'] = lr
+            g['weight_decay'] = wd
         scaler.load_state_dict(ck['scaler'])
         if ema is not None and ck.get('ema') is not None:
             ema.load_state_dict(ck['ema'])
@@ -309,9 +404,20 @@ def train(rank, world_size, args):
             common.set_rng_state(ck['rng'][rank])
         else:  # another process count: the exact RNG streams cannot be continued
             common.seed_everything(args.seed + 1000 * start_epoch + rank)
-        say(f'resumed {resume} at epoch {start_epoch} (step {step})')
+        say(f'resumed {resume} at epoch {start_epoch} (step {step})'
+            + (f' after torchrun restart {common.restart_count()}' if common.restart_count() else ''))
+        if changes:
+            say('resume with changed flags (applied; lr schedule rebuilt for the remaining epochs): ' + ', '.join(
+                f'{"" if k == "processes" else "--"}{flag(k)} {a} -> {b}' for k, (a, b) in changes.items()))
     else:
         common.seed_everything(args.seed + rank)  # per-rank randomness (drop path, mixup) from here on
+    # The schedule is a function of the position in the run measured in this run's steps: resumed at epoch E after
+    # S steps, step s is at E * steps_per_epoch + (s - S) (the same s when batch size and limits are unchanged).
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    offset = start_epoch * steps_per_epoch - step
+    sched_total = args.epochs * steps_per_epoch
+    schedule = lr_lambda(sched_total, warmup, args.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s + offset), last_epoch=step - 1)
     raw = model
     if dist:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[lrank] if device.type == 'cuda' else None)
@@ -322,11 +428,29 @@ def train(rank, world_size, args):
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
                       num_classes=config['kwargs']['num_classes'])
     n_params = common.count_params(raw)
+    run_dir_existed = run_dir is not None
+    # --- every check passed: the run folder is made now (rank 0), and torchrun's store remembers it for restarts
+    if is_main:
+        if run_dir is None:
+            run_dir = common.make_run_dir(args.output, vars(args))
+        elif changes:  # args.json: this run's flags, with the history of what changed at which resume
+            old = os.path.join(run_dir, 'args.json')
+            history = []
+            if os.path.isfile(old):
+                with open(old) as f:
+                    history = json.load(f).get('history', [])
+            history.append({'epoch': start_epoch, 'step': step, 'changed': {k: list(v) for k, v in changes.items()}})
+            common.write_json(old, {**vars(args), 'history': history})
+        store = common.agent_store()
+        if store is not None:
+            store.set(RUN_DIR_KEY, run_dir)
+    run_dir = common.broadcast_object(run_dir)
     say(f'{args.model} mlp={args.mlp}: {n_params:,} params | {args.dataset} {len(train_set)} train / {len(val_set)} '
         f'val | {world_size} process(es) x batch {per_rank} | lr {lr:.2e} | {total_steps} steps | run {run_dir}')
-    logger = common.Logger(run_dir, enabled=is_main)
-    fault_step = int(os.environ.get('VITAE_FAULT_STEP', '-1'))  # test hook: rank 1 dies once at this global step
-    first_attempt = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) == 0
+    # a resumed run (or a restarted one that had not saved yet) drops what was logged after its checkpoint
+    logger = common.Logger(run_dir, enabled=is_main, resume_step=step if run_dir_existed else None,
+                           keep_lines=ck.get('log_lines') if ck else 0)
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
 
     val_acc = ema_acc = float('nan')
     for epoch in range(start_epoch, args.epochs):
@@ -338,8 +462,6 @@ def train(rank, world_size, args):
         for i, (x, y) in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
-            if step == fault_step and rank == 1 and first_attempt:
-                os._exit(17)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -353,14 +475,32 @@ def train(rank, world_size, args):
             scaler.scale(loss).backward()
             if args.clip_grad > 0:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+                norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            elif not scaler.is_enabled():
+                norm = nn.utils.get_total_norm([q.grad for q in model.parameters() if q.grad is not None])
+            # Non-finite guard: such a step is skipped (no update); the same decision on every rank (the gradient
+            # norm is identical after DDP's all-reduce, the loss is not). With fp16 the scaler skips non-finite
+            # gradients itself (and lowers its scale), so only the loss counts there.
+            bad = not math.isfinite(loss.item()) or (not scaler.is_enabled() and not math.isfinite(norm.item()))
+            if dist:
+                bad = common.all_reduce_sum([bad], device)[0] > 0
+            bad_steps = bad_steps + 1 if bad else 0
+            if bad_steps > args.max_bad_steps:
+                raise NonFiniteError(
+                    f'non-finite loss or gradient norm at step {step + 1} (epoch {epoch + 1}), {bad_steps} step(s) in '
+                    f'a row (--max-bad-steps {args.max_bad_steps}); stopped before saving, so {run_dir}/last.pt keeps the '
+                    'last finite weights; lower --blr or check the data and the checkpoint')
+            if bad:
+                say(f'step {step + 1}: non-finite loss or gradient norm, update skipped ({bad_steps} in a row)')
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             step += 1
-            if ema is not None:
+            if ema is not None and not bad:
                 ema_update(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
-            loss_sum += loss.item()
+            loss_sum += loss.item() if not bad else 0.0
             seen += len(x) * world_size
             bar.update(1)
             bar.set_postfix(loss=f'{loss.item():.3f}')
@@ -382,13 +522,17 @@ def train(rank, world_size, args):
             torch.distributed.all_gather_object(rng, common.get_rng_state())
         else:
             rng = [common.get_rng_state()]
+        bad_weights = [k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad_weights:  # e.g. resumed from non-finite weights with fewer steps per epoch than --max-bad-steps
+            raise NonFiniteError(f'non-finite weights after epoch {epoch + 1} ({bad_weights[0]}, ...); stopped, '
+                                 f'{run_dir}/last.pt is untouched')
         if is_main:
             common.save_checkpoint({
                 'project': common.PROJECT, 'kind': 'vitae_train', 'model': config, 'state_dict': raw.state_dict(),
                 'args': vars(args), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                 'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema is not None else None,
                 'epoch': epoch + 1, 'step': step, 'rng': rng, 'world_size': world_size,
-                'val_acc': val_acc, 'ema_val_acc': ema_acc}, os.path.join(run_dir, 'last.pt'))
+                'val_acc': val_acc, 'ema_val_acc': ema_acc, 'log_lines': logger.lines}, os.path.join(run_dir, 'last.pt'))
         common.barrier()  # nobody races ahead (or exits) before the checkpoint of this epoch is on disk
         if args.stop_epoch and epoch + 1 >= args.stop_epoch:
             break
