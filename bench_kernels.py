@@ -41,6 +41,7 @@ import logging
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its CUDA_HOME guess is irrelevant here
 from torch.utils import benchmark  # noqa: E402
 
+import common  # noqa: E402
 from layers.butterfly import Butterfly
 from layers.monarch import MonarchLinear, monarch_multiply_ref
 
@@ -232,6 +233,18 @@ def main():
         fail("--e2e-batch must be >= 1")
     if args.cpu_time and args.device != "cpu":
         fail("--cpu-time only makes sense with --device cpu (GPU work is not CPU time)")
+    cuda_runs = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.dtypes and set(args.dtypes) != {"float32"} and not cuda_runs:
+        fail(f"--dtypes {' '.join(args.dtypes)}: the CPU benchmark runs float32 only (--dtypes sets the CUDA dtypes); "
+             "drop --dtypes or use --device cuda")
+    for flag, path in (("--json", args.json), ("--tensorboard", args.tensorboard)):
+        if path:  # checked before the minutes of timing, not after (missing folders are created at the end)
+            if os.path.isdir(path) and flag == "--json":
+                fail(f"--json {path!r} is a folder; pass a file path")
+            try:
+                common.check_output_dir(os.path.dirname(os.path.abspath(path)) if flag == "--json" else path, flag)
+            except common.UserError as e:
+                fail(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else (

@@ -95,6 +95,8 @@ def check_args(args):
         raise UserError('nothing to evaluate: pass checkpoints of this project and/or --model NAME --weights PATH')
     if args.real_json and (args.dataset != 'imagenet' or args.split != 'val'):
         raise UserError('--real-json needs --dataset imagenet --split val (ReaL relabels the ImageNet val set)')
+    if args.json:  # checked now: the results would otherwise be computed and then lost
+        common.check_output_file(args.json, '--json')
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (PROJECT, Logger, UserError, latencies, load_checkpoint, make_run_dir, run_main, save_checkpoint,
-                    seed_everything)
+from common import (PROJECT, Logger, NonFiniteError, UserError, check_output_dir, latencies, load_checkpoint,
+                    make_run_dir, run_main, save_checkpoint, seed_everything)
 from data import CIFAR100_COARSE, TaskSubset, build_dataset, build_loader, dataset_info, set_epoch, task_indices
 from layers.mask import kept_counts, masked_layers, weight_ratio
 from models import build_model
@@ -90,6 +90,55 @@ p.add_argument('--latency-iters', type=int, default=20)
 p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
 p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 p.add_argument('--output', default='runs/seam')
+p.add_argument('--max-bad-steps', type=int, default=2,
+               help='skip at most this many consecutive steps with a non-finite loss; one more stops the run (exit 3)')
+
+
+def check_args(args):
+    """Every mistake visible in the flags -> one-line UserError, before anything is loaded or created."""
+    for name in ('epochs', 'base_epochs', 'ft_epochs', 'batch_size', 'latency_iters', 'pgd_samples'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    for name in ('threads', 'max_bad_steps'):
+        if getattr(args, name) < 0:
+            raise UserError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
+    if args.early_stop == 0 or args.early_stop < -1:
+        raise UserError(f'--early-stop must be -1 (never) or >= 1, got {args.early_stop}')
+    for name in ('base_lr', 'lr_head', 'lr_mask', 'alpha'):
+        v = getattr(args, name)
+        if v is not None and (not np.isfinite(v) or v < 0 or (v == 0 and name != 'alpha')):
+            raise UserError(f'--{name.replace("_", "-")} must be a finite number {">= 0" if name == "alpha" else "> 0"}'
+                            f', got {v}')
+    if not all(np.isfinite(e) for e in args.pgd_eps) or min(args.pgd_eps) <= 0:
+        raise UserError(f'--pgd-eps values must be finite and > 0, got {args.pgd_eps}')
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f'--device {args.device!r} is not a device; use cpu or cuda') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} but no CUDA device is available; use --device cpu')
+    if dev.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {args.device}: only cpu and cuda are supported')
+    check_output_dir(args.output)
+
+
+class BadStepGuard:
+    """Counts consecutive steps with a non-finite loss: True = skip this update; more than ``limit`` -> stop."""
+
+    def __init__(self, limit, run_dir):
+        self.limit, self.run_dir, self.count = limit, run_dir, 0
+
+    def skip(self, loss, tag, epoch):
+        if torch.isfinite(loss).item():
+            self.count = 0
+            return False
+        self.count += 1
+        if self.count > self.limit:
+            raise NonFiniteError(f'[{tag}] non-finite loss in epoch {epoch}, {self.count} step(s) in a row '
+                                 f'(--max-bad-steps {self.limit}); stopped before saving anything more in '
+                                 f'{self.run_dir}; lower the learning rates')
+        print(f'[{tag}] epoch {epoch}: non-finite loss, update skipped ({self.count} in a row)', flush=True)
+        return True
 
 
 def main():
@@ -98,6 +147,7 @@ def main():
         args.lr_head = 0.01 if args.dataset == 'digits' else 0.1
     if args.batch_size is None:
         args.batch_size = 16 if args.dataset == 'digits' else 64
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -105,8 +155,6 @@ def main():
     nc = info['num_classes']
     if args.model == 'vgg16_bn' and args.img_size != 32:
         raise UserError('vgg16_bn needs --img-size 32 (five 2x2 poolings down to the 512-wide classifier)')
-    if min(args.pgd_eps) <= 0 or args.pgd_samples < 1:
-        raise UserError('--pgd-eps values must be > 0 and --pgd-samples >= 1')
     if args.task is None and not args.train_base:
         raise UserError('nothing to do: pass --task binary|multiclass|defect and/or --train-base')
     if args.pretrained is None and not args.train_base:
@@ -143,8 +191,12 @@ def main():
     base = build_model(base_cfg).to(dev)
     if args.pretrained:
         load_base(base, args, nc)
+    for split in ('train', 'val', 'test'):  # a missing or malformed data folder -> one line now, not after a folder
+        build_dataset(args.dataset, split, args.data_dir, args.img_size, seed=0)
+    # every check passed: the run folder is made now
     run_dir = make_run_dir(args.output, vars(args))
     log = Logger(run_dir)
+    guard = BadStepGuard(args.max_bad_steps, run_dir)
 
     def loader(split, augment=False, task=True, shuffle=False, remap=True):
         ds = build_dataset(args.dataset, split, args.data_dir, args.img_size, augment=augment, seed=0)
@@ -180,6 +232,8 @@ def main():
             set_epoch(dl, ep)
             for x, y in dl:
                 loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+                if guard.skip(loss, tag, ep):
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -237,6 +291,8 @@ def main():
             for x, y in train_dl:
                 ce = F.cross_entropy(model(x.to(dev)), y.to(dev))
                 pen = weight_ratio(model, cost)
+                if guard.skip(ce + alpha * pen, tag, ep):
+                    continue
                 optim.zero_grad(set_to_none=True)
                 (ce + alpha * pen).backward()
                 optim.step()
