@@ -107,3 +107,16 @@ def test_layer_file_works_when_copied_alone(tmp_path, name):
     proc = subprocess.run([sys.executable, '-E', '-c', textwrap.dedent(LAYER_SMOKE[name])], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_readme_layer_snippet_runs_as_written(tmp_path):
+    """The README's "Using the layers in another repository" code, run in an empty folder holding only the copied
+    layer file (the repository is not importable from there)."""
+    text = (ROOT / 'README.md').read_text()
+    section = text.split('## Using the layers in another repository', 1)[1].split('\n## ', 1)[0]
+    code = re.search(r'^```python\n(.*?)\n```', section, flags=re.S | re.M).group(1)
+    copied = re.search(r'after copying layers/(\w+\.py)', code).group(1)
+    shutil.copy(ROOT / 'layers' / copied, tmp_path / copied)
+    proc = subprocess.run([sys.executable, '-E', '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
