@@ -23,7 +23,7 @@ On resume, flags that define the run (model, MLP, data, seed, optimizer; the pro
 batch order) must match the checkpoint's; the others (epochs, lr, batch size, warmup, regularisation, logging) may
 change: they are applied (the lr schedule is rebuilt), listed in one line and recorded in args.json's "history".
 A non-finite loss or gradient norm skips the step; more than --max-bad-steps in a row stops the run (exit 3)
-before last.pt is written. Determinism: see README ("Reproducibility").
+before last.pt is written. Determinism: README, "Reproducibility and failures".
 
 --batch-size is the GLOBAL batch (split evenly over processes); the learning rate is --blr * global batch / 512.
 Each run writes runs/.../NNN/{args.json, log.jsonl, TensorBoard events, last.pt}; last.pt is rewritten atomically
