@@ -244,8 +244,8 @@ def validate(args):
     for name in ('blr', 'min_lr_ratio', 'warmup_epochs', 'weight_decay', 'label_smoothing', 'mixup', 'cutmix',
                  'drop_path', 'performer_drop', 'ema_halflife_kimg', 'clip_grad'):
         v = getattr(args, name)
-        if not math.isfinite(v) or v < 0 or (name == 'blr' and v == 0):
-            raise UserError(f'--{flag(name)} must be a finite number {"> 0" if name == "blr" else ">= 0"}, got {v}')
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f'--{flag(name)} must be a finite number >= 0, got {v}')
     for name in ('label_smoothing', 'drop_path', 'performer_drop', 'min_lr_ratio'):
         if getattr(args, name) > 1 or (name != 'min_lr_ratio' and getattr(args, name) == 1):
             raise UserError(f'--{flag(name)} must be {"<= 1" if name == "min_lr_ratio" else "< 1"}, '
