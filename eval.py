@@ -288,11 +288,9 @@ def worker(rank, world_size, args):
         torch.set_num_threads(args.threads)
     elif world_size > 1 and args.device == 'cpu':  # N CPU processes share the cores instead of oversubscribing
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    main_rank = common.setup_distributed(rank, world_size)
+    device = common.process_device(args.device, rank)
     try:
-        device = torch.device('cuda', common.local_rank(rank)) if args.device == 'cuda' else torch.device('cpu')
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
+        main_rank = common.setup_distributed(rank, world_size, device)  # gloo for CPU runs, nccl for CUDA
         entries = prepare_all(args, quiet=True)
         real = data.load_real_labels(args.real_json) if args.real_json else None
         if real is not None and any(e['task'] for e in entries):
