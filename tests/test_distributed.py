@@ -89,7 +89,8 @@ def test_cuda_run_asks_nccl_on_its_own_gpu(cuda_visible, monkeypatch, tmp_path, 
     if script == 'train':
         worker, args = tvm.worker, tvm.get_args(TINY + ['--device', 'cuda', '--output', str(tmp_path)])
     else:
-        worker, args = evaluate_script.worker, evaluate_script.get_args(['x.pt', '--dataset', 'digits', '--device', 'cuda'])
+        worker = evaluate_script.worker
+        args = evaluate_script.get_args(['x.pt', '--dataset', 'digits', '--device', 'cuda'])
     with pytest.raises(StopAtInit):
         worker(rank, 2, args)
     gpu = torch.device('cuda', rank)
