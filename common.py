@@ -5,9 +5,9 @@
   ``nproc > 1`` -> ``mp.spawn`` on a free port; else ``worker(0, 1, args)``. ``local_rank(rank)``.
 - ``process_device(name, rank)`` (this process's ``torch.device``), ``backend_for(device)`` (nccl for CUDA, gloo
   for everything else, whatever GPUs are visible), ``setup_distributed(rank, world_size, device)`` (joins the group
-  with that backend; no-op for 1 process), ``collective_device()`` (where every collective's tensors live: the
-  process's GPU under nccl, else the CPU), ``cleanup()``, ``is_main()``, ``broadcast_object(obj)``,
-  ``gather_objects(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
+  with that backend; no-op for 1 process unless under torchrun), ``collective_device()`` (where every collective's
+  tensors live: the process's GPU under nccl, else the CPU), ``cleanup()``, ``is_main()``,
+  ``broadcast_object(obj)``, ``gather_objects(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
 - ``save_checkpoint(obj, path)`` (atomic), ``load_checkpoint(path, expected_kinds=None)`` (weights_only, one-line
   UserError for anything that is not a checkpoint of this project). Format:
   ``{'project': 'monarch-seam', 'kind': str, 'model': {'family', 'name', 'kwargs'}, 'state_dict': {...},
@@ -122,7 +122,8 @@ def setup_distributed(rank, world_size, device='cpu'):
         torch.cuda.set_device(device)
     backend = backend_for(device)
     _collective['device'] = device if backend == 'nccl' else torch.device('cpu')
-    if world_size > 1 and not dist.is_initialized():
+    # Under torchrun even one process joins a group, so `torchrun --nproc_per_node 1` runs real collectives.
+    if (world_size > 1 or under_torchrun()) and not dist.is_initialized():
         kw = {'device_id': device} if backend == 'nccl' else {}  # binds the communicator to this GPU
         if under_torchrun():
             # Key the rendezvous by torchrun's restart count: after a restart (--max-restarts) the store may still

@@ -257,7 +257,8 @@ def measure(e, counts, args, device):
     x1 = torch.zeros(1, 3, e['img_size'], e['img_size'])
     label, key = eval_task(e, args)
     r = dict(checkpoint=e['path'], kind=e['kind'], model=e['name'], weights=e['weights'], task=e['task'],
-             classes=e['classes'], eval_task=label, eval_task_key=list(key), samples=int(counts['n']), top1=100 * counts['top1'] / n,
+             classes=e['classes'], eval_task=label, eval_task_key=list(key), samples=int(counts['n']),
+             top1=100 * counts['top1'] / n,
              top5=100 * counts['top5'] / n if e['n_classes'] >= 5 else None,
              real=100 * counts['real_ok'] / counts['real_n'] if counts['real_n'] else None,
              real_samples=int(counts['real_n']), params=count_params(model),
@@ -293,8 +294,8 @@ def vs_first(r, ref, key):
 def table(results, args):
     """Side-by-side text table; ratios against the first checkpoint (accuracies only on the same task)."""
     rows = [('kind', 'kind', None), ('model', 'model', None), ('weights', 'weights', None),
-            ('task', 'eval_task', None), ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'), ('top-5 %', 'top5', '.2f'),
-            ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'), ('FLOPs/image', 'flops_per_image', 'n')]
+            ('task', 'eval_task', None), ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'),
+            ('top-5 %', 'top5', '.2f'), ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'), ('FLOPs/image', 'flops_per_image', 'n')]
     rows += [(f'latency b{b} ms', f'latency_b{b}_ms', '.3f') for b in (1, args.latency_batch)]
     ref = results[0]
     cols = [[label] for label, _, _ in rows]
@@ -352,6 +353,8 @@ def worker(rank, world_size, args):
                     r['vs_first'] = {k: vs_first(r, results[0], k) for k in keys}
                 with open(args.json, 'w') as f:
                     json.dump({'dataset': args.dataset, 'split': args.split, 'world_size': world_size,
+                               'backend': torch.distributed.get_backend() if torch.distributed.is_initialized()
+                               else None,
                                'amp': args.amp, 'device': str(device), 'results': results}, f, indent=2)
     finally:
         common.cleanup()
