@@ -144,8 +144,10 @@ def _kernel_multiply(x, w1, w2):
 def _probe_cases(device, dtype):
     """Probe of the self-check: (name, (k, q, p, l, s, r), leading batch shape). MonarchLinear's shapes for
     32->32, 24->96 and 37->100 with nblocks 4, 4, 3, and 80->272 with nblocks 2 (160 rows > a 128-row tile,
-    s = 136 > a 128-column tile, k-loops over several slices). Rows 8 and 5 take the CPU op's ATen path (below
-    64 rows), 70 and 160 its packed-GEMM engine; on CUDA every GEMM of the plan runs."""
+    s = 136 > a 128-column tile). On the CPU the op picks a route per shape: the three small cases are under its
+    4 MFLOP threshold (ATen two-bmm route), the large one (4.5 MFLOP) above it, where the route it measures
+    fastest is the one checked; MONARCH_SEAM_CPU_ROUTE=engine|aten|blas puts every case on one route (the tests
+    probe each). On CUDA every GEMM of the plan runs, on WMMA tiles for fp16/bf16."""
     from layers.monarch import monarch_multiply_ref
     spec = [("square 32->32, 8 rows", (4, 8, 8, 4, 8, 8), (8,)),
             ("rectangular 24->96, 70 rows", (4, 6, 6, 4, 24, 6), (70,)),

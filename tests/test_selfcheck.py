@@ -3,9 +3,13 @@ used; with a deliberately wrong op patched in (wrong output above 64 rows, a wro
 wrong butterfly for n = 1024) impl='auto' warns once naming the case and the error and returns the reference,
 impl='kernel' raises; MONARCH_SEAM_SKIP_SELFCHECK=1 turns the probe off. On a GPU the real CUDA ops must pass.
 """
+import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +230,25 @@ def test_cuda_ops_pass_their_self_check(fresh, monkeypatch, dtype):
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         y, warned = recording(layer, x)
     assert warned == [] and calls and y.dtype == dtype
+
+
+ROUTES_SCRIPT = """
+import json, torch
+from cuda import monarch_ops, selfcheck
+assert monarch_ops.kernel_available()[0]
+res = {str(dt): selfcheck.probe("monarch_multiply", "cpu", dt) for dt in (torch.float32, torch.float64)}
+res["route"] = torch.ops.monarch_seam.cpu_route("fwd_h", [160, 2, 40, 40, 2, 136, 40], torch.float32)
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("route", ["engine", "aten", "blas"])
+def test_every_cpu_route_passes_the_probe(ops, route):
+    """The CPU op picks one of three routes per shape; forced onto one route, every probe case runs on it."""
+    env = dict(os.environ, MONARCH_SEAM_CPU_ROUTE=route, OMP_NUM_THREADS="1")
+    env.pop("MONARCH_SEAM_SKIP_SELFCHECK", None)
+    r = subprocess.run([sys.executable, "-c", ROUTES_SCRIPT], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == {"torch.float32": "", "torch.float64": "", "route": route}
