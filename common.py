@@ -166,7 +166,7 @@ def gather_objects(obj):
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)  # pickles onto torch.cuda.current_device() under nccl: set by setup_distributed
+    dist.all_gather_object(out, obj)  # under nccl via torch.cuda.current_device(), set by setup_distributed
     return out
 
 

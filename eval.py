@@ -295,7 +295,8 @@ def table(results, args):
     """Side-by-side text table; ratios against the first checkpoint (accuracies only on the same task)."""
     rows = [('kind', 'kind', None), ('model', 'model', None), ('weights', 'weights', None),
             ('task', 'eval_task', None), ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'),
-            ('top-5 %', 'top5', '.2f'), ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'), ('FLOPs/image', 'flops_per_image', 'n')]
+            ('top-5 %', 'top5', '.2f'), ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'),
+            ('FLOPs/image', 'flops_per_image', 'n')]
     rows += [(f'latency b{b} ms', f'latency_b{b}_ms', '.3f') for b in (1, args.latency_batch)]
     ref = results[0]
     cols = [[label] for label, _, _ in rows]
