@@ -5,8 +5,11 @@
 - ``launch(worker, args, nproc)``: torchrun env present -> ``worker(RANK, WORLD_SIZE, args)`` in this process;
   ``nproc > 1`` -> ``mp.spawn`` on a free port; else ``worker(0, 1, args)``. ``local_rank(rank)``,
   ``restart_count()`` (torchrun's), ``agent_store()`` (torchrun's store, which outlives restarts).
-- ``setup_distributed(rank, world_size, backend=None)`` (gloo on CPU, nccl on CUDA; no-op for 1 process),
-  ``cleanup()``, ``is_main()``, ``broadcast_object(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
+- ``process_device(name, rank)`` (this process's ``torch.device``), ``backend_for(device)`` (nccl for CUDA, gloo
+  for everything else, whatever GPUs are visible), ``setup_distributed(rank, world_size, device)`` (joins the group
+  with that backend; no-op for 1 process unless under torchrun), ``collective_device()`` (where every collective's
+  tensors live: the process's GPU under nccl, else the CPU), ``cleanup()``, ``is_main()``,
+  ``broadcast_object(obj)``, ``gather_objects(obj)``, ``all_reduce_sum(values)``, ``barrier()``.
 - ``save_checkpoint(obj, path)`` (atomic; adds a SHA-256 ``digest`` of the content; removes temp files that killed
   saves left in that folder), ``load_checkpoint(path, expected_kinds=None)`` (weights_only, digest verified, never
   writes; one-line UserError for anything that is not an intact checkpoint of this project). Format:
@@ -118,25 +121,54 @@ def launch(worker, args, nproc=1):
         raise
 
 
-def setup_distributed(rank, world_size, backend=None):
-    """Join the process group (env:// rendezvous: MASTER_ADDR/PORT set by ``launch`` or torchrun).
-    Returns ``is_main`` (rank 0): use it to guard printing, logging and file writes."""
-    if world_size > 1 and not dist.is_initialized():
-        backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
+def process_device(name, rank=0):
+    """This process's device for ``--device name``: its GPU (``local_rank``) for 'cuda', else the CPU."""
+    return torch.device('cuda', local_rank(rank)) if torch.device(name).type == 'cuda' else torch.device('cpu')
+
+
+def backend_for(device):
+    """The process-group backend of a run on ``device``: nccl for CUDA; gloo for a CPU run, also on a machine
+    with GPUs (nccl reduces only CUDA tensors)."""
+    return 'nccl' if torch.device(device).type == 'cuda' else 'gloo'
+
+
+# The device of every collective's tensors in this process, set by setup_distributed (CPU until then).
+_collective = {'device': torch.device('cpu')}
+
+
+def collective_device():
+    """Where the tensors of this process's collectives live: its GPU under nccl, the CPU under gloo."""
+    return _collective['device']
+
+
+def setup_distributed(rank, world_size, device='cpu'):
+    """Join the process group of a run on ``device`` (env:// rendezvous: MASTER_ADDR/PORT set by ``launch`` or
+    torchrun), with ``backend_for(device)``; a CUDA process first selects its GPU. Returns ``is_main`` (rank 0):
+    use it to guard printing, logging and file writes."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        device = device if device.index is not None else process_device('cuda', rank)
+        torch.cuda.set_device(device)
+    backend = backend_for(device)
+    _collective['device'] = device if backend == 'nccl' else torch.device('cpu')
+    # Under torchrun even one process joins a group, so `torchrun --nproc_per_node 1` runs real collectives.
+    if (world_size > 1 or under_torchrun()) and not dist.is_initialized():
+        kw = {'device_id': device} if backend == 'nccl' else {}  # binds the communicator to this GPU
         if under_torchrun():
             # Key the rendezvous by torchrun's restart count: after a restart (--max-restarts) the store may still
             # hold the previous attempt's gloo addresses, and connecting to those fails.
             store, _, _ = next(dist.rendezvous('env://'))
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kw)
         else:
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, rank=rank, world_size=world_size, **kw)
     return rank == 0
 
 
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+    _collective['device'] = torch.device('cpu')
 
 
 def is_main():
@@ -145,7 +177,8 @@ def is_main():
 
 def barrier():
     if dist.is_initialized():
-        dist.barrier()
+        dev = collective_device()
+        dist.barrier(device_ids=[dev.index] if dev.type == 'cuda' else None)
 
 
 def broadcast_object(obj, src=0):
@@ -153,13 +186,23 @@ def broadcast_object(obj, src=0):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=collective_device())
     return box[0]
 
 
-def all_reduce_sum(values, device='cpu'):
-    """Sum a list of numbers over ranks exactly (float64; counts up to 2**53 stay exact). Returns a list."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+def gather_objects(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)  # under nccl via torch.cuda.current_device(), set by setup_distributed
+    return out
+
+
+def all_reduce_sum(values):
+    """Sum a list of numbers over ranks exactly (float64; counts up to 2**53 stay exact). Returns a list.
+    The tensor lives on ``collective_device()``, the one device the process group's backend can reduce."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()

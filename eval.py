@@ -237,12 +237,30 @@ def evaluate(e, args, rank, world_size, device, real):
                 cls_n=tot[5 + k:])
 
 
+def eval_task(e, args):
+    """(label, key) of the images and labels a prepared checkpoint is scored on: accuracies of two rows are only
+    comparable (a ratio) when their keys are equal (same dataset, split, split seed and task)."""
+    where = f"{args.dataset} {args.split}" + (f" (split seed {e['data_seed']})" if e['data_seed'] else '')
+    if e['task'] is None:
+        label = f"{where}: all {e['n_classes']} classes"
+        key = (args.dataset, args.split, e['data_seed'], None, None, None)
+    elif e['task'] == 'binary':
+        label = f"{where}: binary, class {e['classes'][0]} vs seeded negatives (seed {e['seed']})"
+        key = (args.dataset, args.split, e['data_seed'], 'binary', tuple(e['classes']), e['seed'])
+    else:
+        label = f"{where}: {e['task']} over classes {e['classes']}"
+        key = (args.dataset, args.split, e['data_seed'], e['task'], tuple(e['classes']), None)
+    return label, key
+
+
 def measure(e, counts, args, device):
     """Everything reported for one checkpoint (rank 0)."""
     model, n = e['model'], max(counts['n'], 1)
     x1 = torch.zeros(1, 3, e['img_size'], e['img_size'])
+    label, key = eval_task(e, args)
     r = dict(checkpoint=e['path'], kind=e['kind'], model=e['name'], weights=e['weights'], task=e['task'],
-             classes=e['classes'], samples=int(counts['n']), top1=100 * counts['top1'] / n,
+             classes=e['classes'], eval_task=label, eval_task_key=list(key), samples=int(counts['n']),
+             top1=100 * counts['top1'] / n,
              top5=100 * counts['top5'] / n if e['n_classes'] >= 5 else None,
              real=100 * counts['real_ok'] / counts['real_n'] if counts['real_n'] else None,
              real_samples=int(counts['real_n']), params=count_params(model),
@@ -260,10 +278,27 @@ def measure(e, counts, args, device):
 
 # ------------------------------------------------------------------------------------------------ report
 
+# Rows that depend on the images and labels scored: a ratio between two checkpoints only on the same task.
+TASK_ROWS = ('top1', 'top5', 'real')
+NOT_COMPARABLE = 'n/a (different tasks)'
+
+
+def vs_first(r, ref, key):
+    """Ratio of ``r[key]`` to the first checkpoint's, ``NOT_COMPARABLE`` for accuracies on another task, None
+    where either value is missing."""
+    if r.get(key) is None or not ref.get(key):
+        return None
+    if key in TASK_ROWS and r['eval_task_key'] != ref['eval_task_key']:
+        return NOT_COMPARABLE
+    return r[key] / ref[key]
+
+
 def table(results, args):
+    """Side-by-side text table; ratios against the first checkpoint (accuracies only on the same task)."""
     rows = [('kind', 'kind', None), ('model', 'model', None), ('weights', 'weights', None),
-            ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'), ('top-5 %', 'top5', '.2f'),
-            ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'), ('FLOPs/image', 'flops_per_image', 'n')]
+            ('task', 'eval_task', None), ('samples', 'samples', None), ('top-1 %', 'top1', '.2f'),
+            ('top-5 %', 'top5', '.2f'), ('ReaL %', 'real', '.2f'), ('params', 'params', 'n'),
+            ('FLOPs/image', 'flops_per_image', 'n')]
     rows += [(f'latency b{b} ms', f'latency_b{b}_ms', '.3f') for b in (1, args.latency_batch)]
     ref = results[0]
     cols = [[label] for label, _, _ in rows]
@@ -276,8 +311,9 @@ def table(results, args):
                 cols[i].append('-')
                 continue
             s = str(v) if fmt is None else (format_count(v) if fmt == 'n' else format(v, fmt))
-            if j and fmt is not None and key != 'samples' and ref.get(key):
-                s += f' ({v / ref[key]:.2f}x)'
+            q = vs_first(r, ref, key) if j and fmt is not None and key != 'samples' else None
+            if q is not None:
+                s += f', ratio {q}' if q == NOT_COMPARABLE else f' ({q:.2f}x)'
             cols[i].append(s)
     keep = [c for c in cols if any(v != '-' for v in c[1:])]
     widths = [max(len(x) for x in col) for col in zip(heads, *keep)]
@@ -290,11 +326,9 @@ def worker(rank, world_size, args):
         torch.set_num_threads(args.threads)
     elif world_size > 1 and args.device == 'cpu':  # N CPU processes share the cores instead of oversubscribing
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    main_rank = common.setup_distributed(rank, world_size)
+    device = common.process_device(args.device, rank)
     try:
-        device = torch.device('cuda', common.local_rank(rank)) if args.device == 'cuda' else torch.device('cpu')
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
+        main_rank = common.setup_distributed(rank, world_size, device)  # gloo for CPU runs, nccl for CUDA
         entries = prepare_all(args, quiet=True)
         real = data.load_real_labels(args.real_json) if args.real_json else None
         if real is not None and any(e['task'] for e in entries):
@@ -316,8 +350,14 @@ def worker(rank, world_size, args):
                     print('  ' + ', '.join(f"{names[i] if names else i}: {'-' if a is None else f'{a:.1f}'}"
                                            for i, a in enumerate(r['per_class'])))
             if args.json:
+                keys = [k for k in ('top1', 'top5', 'real', 'params', 'flops_per_image') if k in results[0]]
+                keys += [k for k in results[0] if k.startswith('latency_')]
+                for r in results[1:]:
+                    r['vs_first'] = {k: vs_first(r, results[0], k) for k in keys}
                 with open(args.json, 'w') as f:
                     json.dump({'dataset': args.dataset, 'split': args.split, 'world_size': world_size,
+                               'backend': torch.distributed.get_backend() if torch.distributed.is_initialized()
+                               else None,
                                'amp': args.amp, 'device': str(device), 'results': results}, f, indent=2)
     finally:
         common.cleanup()

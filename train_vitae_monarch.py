@@ -309,7 +309,7 @@ def evaluate(model, loader, device, autocast, limit=0):
         loss_sum += F.cross_entropy(logits.float(), y, reduction='sum').item()
         correct += (logits.argmax(1) == y).sum().item()
         count += len(y)
-    loss_sum, correct, count = common.all_reduce_sum([loss_sum, correct, count], device)
+    loss_sum, correct, count = common.all_reduce_sum([loss_sum, correct, count])
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
@@ -325,12 +325,10 @@ def worker(rank, world_size, args):
 
 
 def train(rank, world_size, args):
-    is_main = common.setup_distributed(rank, world_size)
     lrank = common.local_rank(rank)
-    device = torch.device('cuda', lrank) if args.device == 'cuda' else torch.device('cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    else:
+    device = common.process_device(args.device, rank)
+    is_main = common.setup_distributed(rank, world_size, device)  # gloo for CPU runs, nccl for CUDA; selects the GPU
+    if device.type == 'cpu':
         local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
     torch.use_deterministic_algorithms(device.type == 'cpu', warn_only=True)
@@ -483,7 +481,7 @@ def train(rank, world_size, args):
             # gradients itself (and lowers its scale), so only the loss counts there.
             bad = not math.isfinite(loss.item()) or (not scaler.is_enabled() and not math.isfinite(norm.item()))
             if dist:
-                bad = common.all_reduce_sum([bad], device)[0] > 0
+                bad = common.all_reduce_sum([float(bad)])[0] > 0
             bad_steps = bad_steps + 1 if bad else 0
             if bad_steps > args.max_bad_steps:
                 raise NonFiniteError(
@@ -508,7 +506,7 @@ def train(rank, world_size, args):
                 logger.log(step, **{'train/loss': loss.item(), 'train/lr': scheduler.get_last_lr()[0]})
         bar.close()
         epoch_time = time.time() - t0
-        train_loss = common.all_reduce_sum([loss_sum], device)[0] / (max(1, min(i + 1, steps_per_epoch)) * world_size)
+        train_loss = common.all_reduce_sum([loss_sum])[0] / (max(1, min(i + 1, steps_per_epoch)) * world_size)
         val_loss, val_acc = evaluate(raw, val_loader, device, autocast, args.limit_eval_batches)
         if ema is not None:
             _, ema_acc = evaluate(ema, val_loader, device, autocast, args.limit_eval_batches)
@@ -517,11 +515,7 @@ def train(rank, world_size, args):
                             'speed/images_per_s': seen / epoch_time, 'speed/epoch_s': epoch_time})
         say(f'epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f} | val loss {val_loss:.4f} acc '
             f'{100 * val_acc:.2f}% | EMA acc {100 * ema_acc:.2f}% | {seen / epoch_time:.0f} img/s | {epoch_time:.1f}s')
-        rng = [None] * world_size
-        if dist:
-            torch.distributed.all_gather_object(rng, common.get_rng_state())
-        else:
-            rng = [common.get_rng_state()]
+        rng = common.gather_objects(common.get_rng_state())
         bad_weights = [k for k, v in raw.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         if bad_weights:  # e.g. resumed from non-finite weights with fewer steps per epoch than --max-bad-steps
             raise NonFiniteError(f'non-finite weights after epoch {epoch + 1} ({bad_weights[0]}, ...); stopped, '

@@ -22,13 +22,19 @@ of two) times all three on its real inputs and keeps the fastest; the decisions 
 `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later processes on the same CPU do
 not measure again. MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route (e.g. for bit-identical runs
 across machines, since routes sum in different orders).
+
+Self-check (cuda/selfcheck.py): before `monarch_multiply` first computes on a (device, dtype) it runs
+`_probe_cases` (square, rectangular, non-divisible and larger-than-a-tile factors, few and many rows)
+through the compiled path and the reference, output and all gradients; on a mismatch it raises
+`selfcheck.SelfCheckFailed` (a NotImplementedError) for that (device, dtype).
 """
+import math
 import os
 import warnings
 
 import torch
 
-from cuda import build
+from cuda import build, selfcheck
 
 _registered = False
 
@@ -123,10 +129,51 @@ def _check(x, w1, w2):
         raise ValueError("monarch_multiply: x, w1, w2 must be on one device")
 
 
+def _kernel_multiply(x, w1, w2):
+    """The compiled product, without checks: the path the self-check probes and every call then takes."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
+    if need_grad:
+        out = torch.ops.monarch_seam.monarch_fwd_h(x2, w1, w2)[0]
+    else:
+        out = torch.ops.monarch_seam.monarch_fwd(x2, w1, w2)
+    return out.reshape(*lead, w2.shape[0] * w2.shape[1])
+
+
+def _probe_cases(device, dtype):
+    """Probe of the self-check: (name, (k, q, p, l, s, r), leading batch shape). MonarchLinear's shapes for
+    32->32, 24->96 and 37->100 with nblocks 4, 4, 3, and 80->272 with nblocks 2 (160 rows > a 128-row tile,
+    s = 136 > a 128-column tile). On the CPU the op picks a route per shape: the three small cases are under its
+    4 MFLOP threshold (ATen two-bmm route), the large one (4.5 MFLOP) above it, where the route it measures
+    fastest is the one checked; MONARCH_SEAM_CPU_ROUTE=engine|aten|blas puts every case on one route (the tests
+    probe each). On CUDA every GEMM of the plan runs, on WMMA tiles for fp16/bf16."""
+    from layers.monarch import monarch_multiply_ref
+    spec = [("square 32->32, 8 rows", (4, 8, 8, 4, 8, 8), (8,)),
+            ("rectangular 24->96, 70 rows", (4, 6, 6, 4, 24, 6), (70,)),
+            ("non-divisible 37->100, 5 rows in (5, 1) batch", (3, 13, 13, 3, 34, 13), (5, 1)),
+            ("larger than a tile 80->272, 160 rows", (2, 40, 40, 2, 136, 40), (160,))]
+    gen = selfcheck.generator(1234)
+    cases = []
+    for name, (k, q, p, l, s, r), lead in spec:
+        w1 = torch.randn(k, q, p, dtype=torch.float64, generator=gen) / math.sqrt(p)
+        w2 = torch.randn(l, s, r, dtype=torch.float64, generator=gen) / math.sqrt(r)
+        x = torch.randn(*lead, k * p, dtype=torch.float64, generator=gen)
+        g = torch.randn(*lead, l * s, dtype=torch.float64, generator=gen)
+        cases.append(selfcheck.Case(name, lambda *a: _kernel_multiply(*a), monarch_multiply_ref,
+                                    [t.to(device) for t in (x, w1, w2)], g.to(device)))
+    return cases
+
+
+selfcheck.register("monarch_multiply", _probe_cases)
+
+
 def monarch_multiply(x, w1, w2):
     """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
     K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the route (engine, aten or blas)
-    is picked per call from the shape, as the module docstring describes."""
+    is picked per call from the shape, as the module docstring describes. Raises NotImplementedError for a
+    device it has no kernel for, and selfcheck.SelfCheckFailed (a NotImplementedError) where the kernel failed
+    its self-check."""
     _check(x, w1, w2)
     # Plain global flags first, so that torch.compile only sees the op call once things are loaded.
     if not _registered:
@@ -138,11 +185,5 @@ def monarch_multiply(x, w1, w2):
                 raise NotImplementedError(f"monarch_seam CUDA kernels unavailable: {err}")
     elif x.device.type != "cpu":
         raise NotImplementedError(f"no monarch_seam kernel for device {x.device.type!r}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
-    if need_grad:
-        out = torch.ops.monarch_seam.monarch_fwd_h(x2, w1, w2)[0]
-    else:
-        out = torch.ops.monarch_seam.monarch_fwd(x2, w1, w2)
-    return out.reshape(*lead, w2.shape[0] * w2.shape[1])
+    selfcheck.ensure("monarch_multiply", x.device, x.dtype)
+    return _kernel_multiply(x, w1, w2)

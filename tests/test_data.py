@@ -152,10 +152,14 @@ def test_imagenet_folder_real_labels_and_index(tmp_path):
     aligned = data.real_labels_for(val, data.load_real_labels(str(path)))
     for k, fname in enumerate(val.filenames):
         assert aligned[k] == real[sorted_names.index(fname)]
-    # predictions equal to the ReaL label count as correct; empty lists are not counted
-    pred = torch.tensor([a[0] if a else 0 for a in aligned])
-    correct, counted = data.real_correct(pred, torch.arange(6), aligned)
-    assert counted == sum(1 for a in aligned if a) == correct
+    # real_correct against a hand-built expectation keyed by file name, never by the alignment under test:
+    # sorted name k has label set real[k] ([] for k = 0, 3); predict its label for sorted names 1 and 2 and a
+    # wrong class for name 4 and 5, so 2 of the 4 counted images are correct. Items are fed in reverse order.
+    by_name = {n: (real[k][0] if k in (1, 2) else 999) for k, n in enumerate(sorted_names)}
+    order = list(range(5, -1, -1))
+    pred = torch.tensor([by_name[val.filenames[i]] for i in order])
+    correct, counted = data.real_correct(pred, torch.tensor(order), aligned)
+    assert (correct, counted) == (2, 4)
     path.write_text(json.dumps({'a': 1}))
     with pytest.raises(DataError, match='ReaL'):
         data.load_real_labels(str(path))

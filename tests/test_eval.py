@@ -89,6 +89,35 @@ def test_two_checkpoints_side_by_side_and_flops(digits_ckpt, tmp_path, capsys):
     assert len(d['per_class']) == 10 and d['latency_b1_ms'] > 0 and d['latency_b4_ms'] > 0
     table = capsys.readouterr().out
     assert 'x)' in table and 'vitae_basic_tiny/dense' in table and 'vitae_basic_tiny/monarch' in table
+    assert d['eval_task'] == m['eval_task'] == 'digits test: all 10 classes' and 'vs_first' not in d
+    assert d['top1'] > 0 and m['vs_first']['top1'] == pytest.approx(m['top1'] / d['top1'])
+    assert m['vs_first']['params'] == pytest.approx(m['params'] / d['params'])
+
+
+def test_side_by_side_ratios_only_on_the_same_task():
+    """A SeaM module's binary accuracy over its base model's 10-class accuracy is no ratio; its params are."""
+    args = ev.get_args(['x.pt', '--dataset', 'cifar10', '--latency-iters', '0'])
+    base = dict(task=None, classes=None, seed=0, data_seed=0, n_classes=10)
+    module = dict(task='binary', classes=[3], seed=0, data_seed=0, n_classes=2)
+    other_seed = dict(module, seed=1)
+    rows = []
+    for e, top1, params in ((base, 90.0, 1000), (module, 99.0, 250), (dict(base), 45.0, 500),
+                            (other_seed, 97.0, 250)):
+        label, key = ev.eval_task(e, args)
+        rows.append(dict(checkpoint=f'c{len(rows)}.pt', kind='k', model='m', weights='model', eval_task=label,
+                         eval_task_key=list(key), samples=10, top1=top1, top5=None, real=None, params=params,
+                         flops_per_image=params))
+    assert rows[0]['eval_task'] == 'cifar10 test: all 10 classes'
+    assert rows[1]['eval_task'] == 'cifar10 test: binary, class 3 vs seeded negatives (seed 0)'
+    lines = {ln.split('  ')[0]: ln for ln in ev.table(rows, args).splitlines()}
+    cells = [c.strip() for c in lines['top-1 %'].split('  ') if c.strip()][1:]
+    assert cells == ['90.00', '99.00, ratio n/a (different tasks)', '45.00 (0.50x)',
+                     '97.00, ratio n/a (different tasks)']
+    assert [c.strip() for c in lines['params'].split('  ') if c.strip()][2:] == ['250 (0.25x)', '500 (0.50x)',
+                                                                                 '250 (0.25x)']
+    assert ev.vs_first(rows[3], rows[1], 'top1') == ev.NOT_COMPARABLE  # other seeded negatives: other images
+    assert ev.vs_first(rows[1], rows[0], 'top1') == ev.NOT_COMPARABLE
+    assert ev.vs_first(rows[2], rows[0], 'top1') == 0.5 and ev.vs_first(rows[1], rows[0], 'params') == 0.25
 
 
 def _imagenet_folder(root):

@@ -474,6 +474,7 @@ def _rel_err(a, ref):
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("io_nb", [(768, 3072, 4), (1000, 600, 3), (1024, 1024, 16)])
@@ -502,6 +503,7 @@ def test_monarch_cuda_parity(ops, io_nb, dtype):
         assert _rel_err(a, e) <= 2 * _rel_err(b, e) + 1e-6, name
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible")
 def test_butterfly_cuda_parity(ops):
     _, butterfly_ops = ops

@@ -197,6 +197,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     assert 'divisible' in _user_error(capsys, '--nproc', '3', '--output', out)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 def test_cuda_bf16_run(tmp_path):
     run_inproc('--device', 'cuda', '--amp', 'bf16', '--epochs', '1', '--output', str(tmp_path), *TINY)

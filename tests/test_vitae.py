@@ -15,9 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from layers import butterfly, monarch
 from models import vitae
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small models run fastest single-threaded; restore the session's thread count afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 TINY_DENSE = 4_882_792
 SMALL_DENSE = 24_009_096
@@ -199,9 +207,8 @@ def test_mlp_switch_reaches_every_normal_cell(mlp):
     if mlp == 'dense':
         cls = nn.Linear
     elif mlp == 'monarch':
-        cls = pytest.importorskip('layers.monarch').MonarchLinear
+        cls = monarch.MonarchLinear
     else:
-        butterfly = pytest.importorskip('layers.butterfly')
         cls = butterfly.Butterfly if mlp == 'butterfly' else butterfly.FlatBlockButterflyLinear
     model = tiny(mlp=mlp)
     cells = model.normal_cells()
@@ -218,7 +225,6 @@ def test_mlp_switch_reaches_every_normal_cell(mlp):
 
 
 def test_monarch_attn_reaches_every_attention():
-    monarch = pytest.importorskip('layers.monarch')
     model = tiny(mlp='dense', monarch_attn=True, nblocks=8)
     assert _count(model, monarch.MonarchLinear) == 2 * 7
     for nc in model.normal_cells():
@@ -243,7 +249,7 @@ def test_models_registry_and_config_roundtrip():
 
 
 def test_timm_create_model():
-    timm = pytest.importorskip('timm')
+    import timm
     model = timm.create_model('vitae_basic_tiny', pretrained=False, mlp='monarch', num_classes=10, impl='ref')
     assert isinstance(model, vitae.ViTAE)
     assert model.config['kwargs']['mlp'] == 'monarch' and model.num_classes == 10
@@ -272,7 +278,6 @@ def _perturb_batchnorm(model):
 
 
 def test_densify_equals_monarch_model():
-    pytest.importorskip('layers.monarch')
     torch.manual_seed(0)
     model = tiny(mlp='monarch', nblocks=4, monarch_attn=True).eval()
     _perturb_batchnorm(model)
@@ -291,7 +296,6 @@ def test_densify_equals_monarch_model():
 
 @pytest.mark.parametrize('mlp', ['butterfly', 'pixelfly'])
 def test_densify_other_structured_mlps(mlp):
-    pytest.importorskip('layers.butterfly')
     torch.manual_seed(5)
     model = tiny(mlp=mlp, pixelfly_lowrank=4).eval()
     dense = vitae.densify(model)
@@ -310,7 +314,6 @@ def test_densify_other_structured_mlps(mlp):
 
 
 def test_project_densified_monarch_recovers_it():
-    pytest.importorskip('layers.monarch')
     torch.manual_seed(1)
     model = tiny(mlp='monarch', nblocks=4).eval()
     _perturb_batchnorm(model)
@@ -327,7 +330,6 @@ def test_project_densified_monarch_recovers_it():
 
 
 def test_project_dense_state_dict():
-    monarch = pytest.importorskip('layers.monarch')
     torch.manual_seed(2)
     dense = tiny(num_classes=7, mlp='dense')
     state = dense.state_dict()
@@ -348,7 +350,6 @@ def test_project_dense_state_dict():
 
 
 def test_load_projected_state_dict_rejects_wrong_architecture():
-    pytest.importorskip('layers.monarch')
     small_state = vitae.vitae_basic_6m(num_classes=10).state_dict()  # 10 normal cells instead of 7
     model = tiny(num_classes=10, mlp='monarch')
     with pytest.raises(ValueError, match=r'does not fit vitae_basic_tiny.*unexpected \(layers.2.NC.7'):
