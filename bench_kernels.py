@@ -46,7 +46,7 @@ from layers.butterfly import Butterfly
 from layers.monarch import MonarchLinear, monarch_multiply_ref
 
 VIT = [(768, 3072), (3072, 768), (1024, 1024)]
-DEFAULT_CASES = ([(4096, i, o, 4) for i, o in VIT] + [(4096, i, o, 16) for i, o in VIT]
+DEFAULT_CASES = ([(4096, i, o, 4) for i, o in VIT] + [(4096, i, o, 16) for i, o in VIT] + [(4096, 4096, 4096, 4)]
                  + [(64, i, o, 4) for i, o in VIT] + [(8, 1024, 1024, 4)])
 # the GPU target shapes (tokens >= 16384, n in 1024..4096, nblocks 4) on top of the ViT ones
 CUDA_EXTRA = [(16384, i, o, 4) for i, o in VIT + [(1024, 4096), (4096, 1024), (2048, 2048), (4096, 4096)]]

@@ -720,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(const Dims& d, const at:
 // Each call picks its route from the shape: MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one; products
 // under kTuneFlops use aten (fixed costs dominate there); otherwise the first call for a shape key (direction,
 // K, P, Q, L, S, R, dtype, threads and B rounded up to a power of two) times every route on its real inputs
-// (a warm-up and the best of two runs each) and keeps the fastest. Decisions are stored in a small text file
+// (a warm-up, then the best of 2 to 20 runs, more for short products) and keeps the fastest. Decisions are stored in a small text file
 // beside the build (the path is set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides it there),
 // whose first line names the CPU model and ISA: a file from another CPU, or one with a damaged line, is
 // ignored (with one warning, from monarch_ops.py) and rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
@@ -860,11 +860,14 @@ int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
   double best_s = 1e300;
   for (int r = 0; r < kNumRoutes; ++r) {
     run(r);  // warm-up: first-touch allocations, BLAS/thread-pool start
+    // best of at least 2 runs, and of more for short products (about 20 ms of runs, at most 20 of them),
+    // where a single scheduler hiccup would otherwise decide
     double s = 1e300;
-    for (int rep = 0; rep < 2; ++rep) {
+    for (int rep = 0, reps = 2; rep < reps; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
       run(r);
       s = std::min(s, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      if (rep == 0) reps = int(std::max(2.0, std::min(20.0, 0.02 / std::max(s, 1e-9))));
     }
     if (s < best_s) {
       best_s = s;
