@@ -720,8 +720,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(const Dims& d, const at:
 // Each call picks its route from the shape: MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one; products
 // under kTuneFlops use aten (fixed costs dominate there); otherwise the first call for a shape key (direction,
 // K, P, Q, L, S, R, dtype, threads and B rounded up to a power of two) times every route on its real inputs
-// (a warm-up, then the best of 2 to 20 runs, more for short products) and keeps the fastest. Decisions are stored in a small text file
-// beside the build (the path is set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides it there),
+// (a warm-up, then the best of 2 to 20 runs, more for short products) and keeps the fastest. Decisions are
+// stored in a small text file beside the build (the path is set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides it there),
 // whose first line names the CPU model and ISA: a file from another CPU, or one with a damaged line, is
 // ignored (with one warning, from monarch_ops.py) and rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
 constexpr double kTuneFlops = 4e6;
