@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -754,6 +755,7 @@ struct Tuner {
   bool loaded = false;
   bool forced_checked = false;
   int forced = -1;
+  std::atomic<uint64_t> gen{0};  // bumped when the file (and so the table) changes: invalidates the memos
 
   std::string path() { return file; }
 
@@ -849,12 +851,38 @@ int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
   }
   const double flops = 2.0 * d.B * (d.K * d.Q * d.P + d.L * d.S * d.R);
   if (flops < kTuneFlops) return kAten;
+  // A few recent decisions per thread, compared field by field: the string key below costs more than a small
+  // product (a training step cycles through its layers' shapes, hence more than one entry).
+  struct Memo {
+    const char* dir = "";
+    int64_t b = -1, K, P, Q, L, S, R;
+    at::ScalarType st;
+    int threads;
+    uint64_t gen;
+    int route;
+  };
+  constexpr int kMemo = 16;
+  thread_local Memo memo[kMemo];
+  thread_local int memo_next = 0;
+  int64_t bkt = 1;
+  while (bkt < d.B) bkt *= 2;
+  const int nth = at::get_num_threads();
+  const uint64_t gen = t.gen.load();
+  for (const Memo& m : memo)
+    if (m.b == bkt && m.K == d.K && m.P == d.P && m.Q == d.Q && m.L == d.L && m.S == d.S && m.R == d.R &&
+        m.st == st && m.threads == nth && m.gen == gen && std::strcmp(m.dir, dir) == 0)
+      return m.route;
+  auto remember = [&](int route) {
+    memo[memo_next] = Memo{dir, bkt, d.K, d.P, d.Q, d.L, d.S, d.R, st, nth, gen, route};
+    memo_next = (memo_next + 1) % kMemo;
+    return route;
+  };
   const std::string key = route_key(dir, d, st);
   {
     std::lock_guard<std::mutex> g(t.mu);
     t.load();
     auto it = t.table.find(key);
-    if (it != t.table.end()) return it->second;
+    if (it != t.table.end()) return remember(it->second);
   }
   int best = kEngine;
   double best_s = 1e300;
@@ -877,7 +905,7 @@ int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
   std::lock_guard<std::mutex> g(t.mu);
   t.table[key] = best;
   t.save();
-  return best;
+  return remember(best);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_route(int r, const Dims& d, const at::Tensor& x, const at::Tensor& w1,
@@ -964,6 +992,7 @@ void set_tune_file(const std::string& path) {
   t.file = path;
   t.loaded = false;
   t.table.clear();
+  t.gen++;
 }
 
 // Loads the route file now; returns "" or the reason it was ignored (cuda/monarch_ops.py warns with it).
