@@ -174,12 +174,36 @@ def _run(*argv, timeout=300):
                           timeout=timeout, env=env)
 
 
+PINNED = json.loads((ROOT / 'tests' / 'data' / 'seam_digits_reports.json').read_text())
+TIMING_FIELDS = {'minutes', 'latency', 'speedup_b64', 'torch_threads'}
+
+
+def _assert_matches_pinned(got, want, where=''):
+    """The report equals the one recorded before the SeaM code moved into models/seam.py (same seeds -> same
+    numbers). Exact on the recording CPU; the small tolerance absorbs last-bit differences of another CPU's BLAS
+    kernels (a refactoring mistake changes these numbers by far more: another epoch, other masks)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) - TIMING_FIELDS == set(want), (where, set(got) ^ set(want))
+        for k in want:
+            _assert_matches_pinned(got[k], want[k], f'{where}.{k}')
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_matches_pinned(g, w, f'{where}[{i}]')
+    elif isinstance(want, bool) or isinstance(want, str) or want is None:
+        assert got == want, (where, got, want)
+    else:
+        assert got == pytest.approx(want, rel=2e-3, abs=2e-3), (where, got, want)
+
+
 @pytest.fixture(scope='module')
 def base_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp('seam')
     r = _run('--model', 'resnet20', '--img-size', '8', '--train-base', '--base-epochs', '3', '--threads', '1',
              '--output', str(out))
     assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(out / '001' / 'base.pt', weights_only=True)
+    _assert_matches_pinned({'test_acc': ck['test_acc']}, PINNED['base'], 'base')
     return out / '001' / 'base.pt', out
 
 
@@ -187,14 +211,15 @@ def base_ckpt(tmp_path_factory):
                                   ['--task', 'multiclass', '--n-classes', '3', '--seed', '1'],
                                   ['--task', 'binary', '--target-class', '3', '--mask-granularity', 'weight+channel',
                                    '--penalty', 'flops']], ids=['binary', 'multiclass', 'binary-structured'])
-def test_tiny_reengineering_lowers_weight_ratio_and_keeps_accuracy(base_ckpt, task):
+def test_tiny_reengineering_lowers_weight_ratio_and_keeps_accuracy(base_ckpt, task, request):
     base, out = base_ckpt
-    name = '-'.join(task[1::2])
+    name = request.node.callspec.id
     r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), *task, '--epochs', '10',
              '--batch-size', '16', '--threads', '1', '--latency-iters', '2', '--output', str(out / name))
     assert r.returncode == 0, r.stderr[-2000:]
     run = out / name / '001'
     rep = json.loads((run / 'report.json').read_text())
+    _assert_matches_pinned(rep, PINNED[name], name)  # same numbers as before
     assert rep['selected']['reached_bar']
     assert rep['weight_retention'] < 0.95
     assert rep['module_acc_test'] >= rep['original_acc_test'] - 0.05
@@ -257,6 +282,7 @@ def test_tiny_defect_inheritance_run(base_ckpt):
              '--output', str(out / 'defect'))
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / 'defect' / '001' / 'report.json').read_text())
+    _assert_matches_pinned(rep, PINNED['defect'], 'defect')
     for name in ('standard', 'seam'):
         assert set(rep[name]['by_eps']) == {'0.1', '0.5'}
         for r_eps in rep[name]['by_eps'].values():
