@@ -261,7 +261,7 @@ def test_bad_input_one_line_exit_2(base_ckpt):
 def test_pgd_saturates_the_eps_ball_along_the_feature_gradient():
     """Hand case: one linear feature f(x) = <w, x> far below the target 1000, so every ascent step moves x by
     +step * sign(w); 40 steps of eps/10 from any start in the ball end on x + eps * sign(w), clipped to [lo, hi]."""
-    from reengineer_seam import pgd
+    from models.seam import pgd
     torch.manual_seed(0)
     w = torch.randn(3 * 4 * 4)
     w[w.abs() < 0.1] = 0.5  # no zero-gradient coordinates
