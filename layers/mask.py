@@ -14,6 +14,9 @@ Usage::
     loss = task_loss + alpha * weight_ratio(model)
     plain_model = bake_masks(model)             # deep copy with nn.Conv2d / nn.Linear, masks multiplied in
 
+    convert_to_masks(torchvision_resnet)        # any CNN, in place: its Conv2d / Linear become MaskConv / MaskLinear
+    gate_batchnorm(net.layer1[0].conv1, net.layer1[0].bn1)   # channel gates act after the BN that follows a conv
+
 Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry), ``'channel'`` (one score per output
 filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically),
 or ``'weight+channel'`` (both: SeaM's per-weight masks inside channels that a per-channel gate can switch off whole).
@@ -24,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['MaskLinear', 'MaskConv', 'binarize', 'weight_ratio', 'kept_counts', 'bake_masks', 'enable_model_masks',
-           'masked_layers']
+__all__ = ['MaskLinear', 'MaskConv', 'GatedBatchNorm2d', 'binarize', 'weight_ratio', 'kept_counts', 'bake_masks',
+           'enable_model_masks', 'masked_layers', 'convert_to_masks', 'gate_batchnorm']
 
 GRANULARITIES = ('weight', 'channel', 'weight+channel')
 STES = ('seam', 'hardtanh')
@@ -213,6 +216,51 @@ class MaskConv(_MaskMixin, nn.Conv2d):
     def forward(self, x):
         weight, bias = self.masked_weight_bias()
         return self._conv_forward(x, weight, bias)
+
+
+class GatedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose output is multiplied by the binary channel gate of the MaskConv that feeds it.
+
+    A channel switched off by its gate must be exactly 0 *after* the BatchNorm (BN would otherwise turn the zero into
+    the constant ``bias - mean * scale``, and the channel could not be removed). Same parameters and buffers as
+    nn.BatchNorm2d, so state dicts are unchanged. Made by ``gate_batchnorm(conv, bn)``, which swaps the class in
+    place; with no gate on the conv (masks off, or 'weight' granularity) it is exactly nn.BatchNorm2d."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        conv = self._gate_conv[0]
+        scores = conv.gate_scores() if isinstance(conv, MaskConv) else None
+        if scores is None:
+            return y
+        return y * binarize(scores, conv.ste).view(1, -1, 1, 1)
+
+
+def gate_batchnorm(conv, bn):
+    """Make ``bn`` (the BatchNorm2d right after ``conv``) apply ``conv``'s channel gate; in place, returns bn."""
+    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+        raise ValueError(f"gate_batchnorm: expected the BatchNorm2d({conv.out_channels}) that follows the conv, "
+                         f"got {bn!r}")
+    bn.__class__ = GatedBatchNorm2d
+    bn._gate_conv = (conv,)  # a tuple, not an attribute Module: the conv must not become a submodule of the BN
+    return bn
+
+
+def convert_to_masks(model, skip=()):
+    """In place: every plain ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (except the module names in ``skip``) becomes
+    a MaskConv / MaskLinear with masks off. The class is swapped on the existing module, so the parameters are the
+    same tensors, the state-dict keys do not change (weights of the original architecture load strictly) and no
+    random numbers are drawn. Subclasses with their own forward (e.g. weight-standardised convs) are left alone.
+    Returns the model."""
+    for name, m in model.named_modules():
+        if name in skip:
+            continue
+        if type(m) is nn.Conv2d:
+            m.__class__ = MaskConv
+            m._init_mask_state()
+        elif type(m) is nn.Linear:
+            m.__class__ = MaskLinear
+            m._init_mask_state()
+    return model
 
 
 def masked_layers(model):

@@ -2,7 +2,8 @@
 
 Every checkpoint the project writes stores ``{'family': ..., 'name': ..., 'kwargs': {...}}`` under ``'model'``, so
 ``build_model(ckpt['model'])`` rebuilds the exact network without pickled classes or ``eval`` of strings.
-Families: 'vitae' (models/vitae.py), 'cifar' (models/cifar.py), 'timm' (any timm model name, pretrained=False, with
+Families: 'vitae' (models/vitae.py), 'cifar' (models/cifar.py), 'torchvision' (ResNet-18/34/50/101 with SeaM mask
+layers, models/tv_resnet.py), 'timm' (any timm model name, pretrained=False, with
 structured MLPs by keyword: models/structured.py). ``family_of(name)`` finds a name's family and names the closest
 matches of an unknown one.
 """
@@ -13,6 +14,7 @@ import importlib
 FAMILIES = {
     'vitae': 'models.vitae',
     'cifar': 'models.cifar',
+    'torchvision': 'models.tv_resnet',  # torchvision ResNet-18/34/50/101 with SeaM mask layers
     'timm': 'models.structured',  # any timm model name (pretrained=False), structured MLPs by keyword
 }
 

@@ -1,4 +1,4 @@
-"""Physical extraction of a SeaM-masked CIFAR network into a smaller plain network (FLOPs: models/flops.py).
+"""Physical extraction of a SeaM-masked CNN (the CIFAR nets, torchvision ResNets) into a smaller plain network.
 
 ``extract_module(model, config)`` takes a masked ``models.cifar`` network (masks enabled, usually with a module
 head) and returns ``(pruned_model, pruned_config)``: a plain network, rebuilt by ``models.build_model`` from
@@ -228,6 +228,64 @@ def _extract_resnet(model):
     return g.state_dict(keep, zero_cols), widths
 
 
+def _extract_tv_resnet(model):
+    """torchvision ResNet (BasicBlock or Bottleneck, models/tv_resnet.py): the same analysis as ResNet20, with the
+    residual streams found from the shortcuts (``tv_resnet.streams``) and 2 or 3 convs per block; the max-pool after
+    the stem keeps a zero channel zero and a constant one constant."""
+    from models.tv_resnet import block_convs
+    g = _Graph()
+    g.fixed.add('in')
+    g.add('conv1', model.conv1, 'in', 'S0', bn=model.bn1, bnkey='bn1')
+
+    def unit(key, zero_in):
+        L = g.layers[key]
+        return _unit_const(L['w'], L['b'], L['gate'], L['bn'], zero_in)
+
+    sc, v = unit('conv1', torch.zeros(3, dtype=torch.bool))
+    sv = torch.relu(v)
+    tz = sc & (sv == 0)          # channels of the current stream tensor that are identically 0
+    stream_zero = tz.clone()     # ... and of every tensor of the current stream
+    cur, n_streams = 'S0', 1
+    for s in range(1, 5):
+        for b, blk in enumerate(getattr(model, f'layer{s}')):
+            p, convs = f'layer{s}.{b}', block_convs(blk)
+            zin, gin = tz, cur
+            for i, c in enumerate(convs[:-1]):  # the block's inner convs: zero channels removed, constants kept
+                grp = f'M{s}.{b}.{i}'
+                g.add(f'{p}.{c}', blk.get_submodule(c), gin, grp, bn=blk.get_submodule('bn' + c[-1]),
+                      bnkey=f'{p}.bn{c[-1]}')
+                mc, mv = unit(f'{p}.{c}', zin)
+                zin = mc & (torch.relu(mv) == 0)
+                g.dead[grp] |= zin
+                gin = grp
+            if blk.downsample is not None:  # a projection shortcut starts a new stream; the previous one closes
+                g.dead[cur] |= stream_zero
+                new = f'S{n_streams}'
+                n_streams += 1
+                g.add(f'{p}.downsample.0', blk.downsample[0], cur, new, bn=blk.downsample[1],
+                      bnkey=f'{p}.downsample.1')
+                ic, iv = unit(f'{p}.downsample.0', tz)
+                cur = new
+            else:
+                ic, iv = sc, sv
+            last = convs[-1]
+            g.add(f'{p}.{last}', blk.get_submodule(last), gin, cur, bn=blk.get_submodule('bn' + last[-1]),
+                  bnkey=f'{p}.bn{last[-1]}')
+            c2, v2 = unit(f'{p}.{last}', zin)
+            sc, sv = c2 & ic, torch.relu(v2 + iv)
+            tz = sc & (sv == 0)
+            stream_zero = tz.clone() if blk.downsample is not None else stream_zero & tz
+    g.dead[cur] |= stream_zero
+    g.add('fc', model.fc, cur, 'f')
+    head = _head_key(model, g, 'fc', 'f')
+    if head:
+        _fold_linear_chain(g, ['fc', head], tz)
+    keep, zero_cols = g.keep_sets()
+    sd = g.state_dict(keep, zero_cols)
+    widths = {key: list(sd[key + '.weight'].shape[:2]) for key in g.layers}
+    return sd, widths
+
+
 def extract_module(model, config):
     """Physically pruned copy of a masked ``models.cifar`` network.
 
@@ -235,17 +293,22 @@ def extract_module(model, config):
     config: its ``{'family': 'cifar', 'name': ..., 'kwargs': {...}}``.
     Returns (pruned_model in eval mode, pruned_config); ``models.build_model(pruned_config)`` rebuilds it.
     """
-    from models.cifar import VGG, CifarResNet, MODELS
+    from models import registry
+    from models.cifar import VGG, CifarResNet
+    from models.tv_resnet import TVResNet
     if isinstance(model, VGG):
         sd, widths = _extract_vgg(model)
     elif isinstance(model, CifarResNet):
         sd, widths = _extract_resnet(model)
+    elif isinstance(model, TVResNet):
+        sd, widths = _extract_tv_resnet(model)
     else:
-        raise ValueError(f"extract_module: model must be a models.cifar VGG or CifarResNet, got {type(model).__name__}")
+        raise ValueError("extract_module: model must be a models.cifar VGG / CifarResNet or a models.tv_resnet "
+                         f"ResNet, got {type(model).__name__}")
     kwargs = dict(config.get('kwargs') or {})
     kwargs['widths'] = widths
     kwargs['head_classes'] = model.module_head[1].out_features if hasattr(model, 'module_head') else None
-    new_config = {'family': 'cifar', 'name': config['name'], 'kwargs': kwargs}
-    pruned = MODELS[config['name']](**kwargs)
+    new_config = {'family': config['family'], 'name': config['name'], 'kwargs': kwargs}
+    pruned = registry(config['family'])[config['name']](**kwargs)
     pruned.load_state_dict(sd)
     return pruned.eval(), new_config
