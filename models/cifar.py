@@ -1,4 +1,5 @@
-"""CIFAR-style VGG16-BN and ResNet20 (32x32 inputs), built from SeaM mask layers.
+"""CIFAR-style VGG16-BN and ResNet20 (32x32 inputs) with SeaM mask layers (plain layers turned into mask layers by
+``layers.mask.convert_to_masks``, the path every CNN takes).
 
 The architectures and state-dict keys are those of chenyaofo/pytorch-cifar-models, so its released CIFAR-10/100
 checkpoints (plain state dicts) load unchanged: VGG16-BN has biased 3x3 convolutions and a 512-512-classes
@@ -20,7 +21,7 @@ multiply each conv's BN output by that conv's binary channel gate. At weight gra
 import torch
 import torch.nn as nn
 
-from layers.mask import MaskConv, MaskLinear, binarize
+from layers.mask import MaskConv, MaskLinear, binarize, convert_to_masks
 
 VGG16_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']
 RESNET20_BLOCKS = 3  # blocks per stage
@@ -59,17 +60,18 @@ class VGG(nn.Module):
             if v == 'M':
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
-                layers += [MaskConv(c_in, widths[i], 3, padding=1), nn.BatchNorm2d(widths[i]), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c_in, widths[i], 3, padding=1), nn.BatchNorm2d(widths[i]), nn.ReLU(inplace=True)]
                 c_in, i = widths[i], i + 1
         self.features = nn.Sequential(*layers)
         h1, h2, out = widths[n_conv:]
         self.classifier = nn.Sequential(
-            MaskLinear(c_in, h1), nn.ReLU(True), nn.Dropout(),
-            MaskLinear(h1, h2), nn.ReLU(True), nn.Dropout(),
-            MaskLinear(h2, out),
+            nn.Linear(c_in, h1), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(h1, h2), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(h2, out),
         )
         if head_classes is not None:
             self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
+        convert_to_masks(self, skip=('module_head.1',))  # the mask layers come from the converter (any CNN's path)
         if init_weights:
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
@@ -101,14 +103,14 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes, mid, out_planes, stride=1, downsample=False):
         super().__init__()
-        self.conv1 = MaskConv(in_planes, mid, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = MaskConv(mid, out_planes, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(mid, out_planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.downsample = None
         if downsample:
-            self.downsample = nn.Sequential(MaskConv(in_planes, out_planes, 1, stride=stride, bias=False),
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
                                             nn.BatchNorm2d(out_planes))
 
     def forward(self, x):
@@ -132,7 +134,7 @@ class CifarResNet(nn.Module):
             widths = list(RESNET20_STAGE_WIDTHS) + [w for w in RESNET20_STAGE_WIDTHS for _ in range(RESNET20_BLOCKS)]
             widths.append(num_classes)
         streams, mids, out = widths[:3], widths[3:3 + n_mid], widths[-1]
-        self.conv1 = MaskConv(3, streams[0], 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, streams[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(streams[0])
         self.relu = nn.ReLU(inplace=True)
         c_in = streams[0]
@@ -147,9 +149,10 @@ class CifarResNet(nn.Module):
                 c_in = streams[s]
             setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = MaskLinear(c_in, out)
+        self.fc = nn.Linear(c_in, out)
         if head_classes is not None:
             self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
+        convert_to_masks(self, skip=('module_head.1',))  # the mask layers come from the converter (any CNN's path)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
