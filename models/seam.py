@@ -153,8 +153,11 @@ def output_pixels(model, img_size, device):
     pix, hooks = {}, []
     for name, m in masked_layers(model):
         hooks.append(m.register_forward_hook(_PixelRecorder(pix, name)))
+    was_training = model.training
+    model.eval()  # a train-mode probe would move the BatchNorm running statistics towards those of a zero image
     with torch.no_grad():
         model(torch.zeros(1, 3, img_size, img_size, device=device))
+    model.train(was_training)
     for h in hooks:
         h.remove()
     return pix
