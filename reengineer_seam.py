@@ -43,11 +43,16 @@ from data import CIFAR100_COARSE, TaskSubset, build_dataset, build_loader, datas
 from models import build_model, seam
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-p.add_argument('--model', default='resnet20', choices=['resnet20', 'vgg16_bn'])
+TORCHVISION = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+p.add_argument('--model', default='resnet20', choices=['resnet20', 'vgg16_bn', *TORCHVISION],
+               help='resnet20 / vgg16_bn: CIFAR nets (models/cifar.py); resnet18..101: torchvision ResNets with mask '
+                    'layers (models/tv_resnet.py), --pretrained takes a local torchvision state dict')
 p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100'])
 p.add_argument('--data-dir', default=None)
 p.add_argument('--img-size', type=int, default=32, help='resnet20 only (vgg16_bn needs 32)')
-p.add_argument('--pretrained', default=None, help='base model checkpoint (project cifar_base or chenyaofo state dict)')
+p.add_argument('--pretrained', default=None,
+               help='base model checkpoint: a cifar_base checkpoint of this project, or a plain state dict '
+                    '(chenyaofo CIFAR nets, torchvision ResNets)')
 p.add_argument('--train-base', action='store_true', help='train the base model first (when no --pretrained)')
 p.add_argument('--base-epochs', type=int, default=30)
 p.add_argument('--base-lr', type=float, default=0.05)
@@ -245,7 +250,8 @@ def main():
     nc = info['num_classes']
     classes = task_classes(args, nc) if args.task else None
     dev = torch.device(args.device)
-    base_cfg = {'family': 'cifar', 'name': args.model, 'kwargs': {'num_classes': nc}}
+    family = 'torchvision' if args.model in TORCHVISION else 'cifar'
+    base_cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': nc}}
     base = build_model(base_cfg).to(dev)
     if args.pretrained:
         load_base(base, args, nc)
@@ -273,7 +279,7 @@ def main():
     target = classes[0] if args.task == 'binary' else None  # the original model is scored the SeaM way
     orig_val = seam.evaluate(base, loader(args, 'val', classes, remap=False), dev, target)
     orig_test = seam.evaluate(base, loader(args, 'test', classes, remap=False), dev, target)
-    cfg = {'family': 'cifar', 'name': args.model, 'kwargs': {'num_classes': nc, 'head_classes': k}}
+    cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': nc, 'head_classes': k}}
     model = seam.masked_module(base, cfg, args.mask_granularity, dev)
     print(f'task {args.task} classes {classes}: original model val acc {orig_val:.2%}, test acc {orig_test:.2%}; '
           f'lr_mask {hp.lr_mask} alpha {hp.alpha}', flush=True)

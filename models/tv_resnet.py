@@ -105,7 +105,7 @@ def _build(name, num_classes=1000, head_classes=None, widths=None):
         if unknown:
             raise ValueError(f'widths names layers that {name} does not have: {sorted(unknown)[:3]}')
         _resize(model, widths)
-    convert_to_masks(model)
+    convert_to_masks(model, skip=('module_head.1',))  # the head is trained, never masked
     for conv, bn in conv_bn_pairs(model):
         gate_batchnorm(model.get_submodule(conv), model.get_submodule(bn))
     return model

@@ -103,3 +103,29 @@ def test_extraction_of_random_masks_equals_masked_model_and_has_fewer_channels(n
     assert widths['layer1.0.conv1'][0] < full.layer1[0].conv1.out_channels
     assert widths['layer4.0.downsample.0'][0] < full.layer4[0].downsample[0].out_channels
     assert sum(q.numel() for q in module.parameters()) < 0.9 * sum(q.numel() for q in full.parameters())
+
+
+def test_script_reengineers_a_torchvision_resnet18_and_extracts_it(tmp_path):
+    """reengineer_seam.py --model resnet18 end to end on digits: base, weight+channel masks, extraction, report."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, 'reengineer_seam.py', '--model', 'resnet18', '--img-size', '16',
+                        '--train-base', '--base-epochs', '1', '--task', 'binary', '--target-class', '0', '--epochs',
+                        '3', '--mask-granularity', 'weight+channel', '--penalty', 'flops', '--latency-iters', '1',
+                        '--threads', '1', '--output', str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / '001' / 'report.json').read_text())
+    assert rep['extracted_max_abs_diff'] < 1e-4
+    assert rep['params_extracted'] <= rep['params_original']
+    mod = torch.load(tmp_path / '001' / 'module.pt', weights_only=True)
+    assert mod['model']['family'] == 'torchvision'
+    net = build_model(mod['model'])
+    net.load_state_dict(mod['state_dict'])
+    base = torch.load(tmp_path / '001' / 'base.pt', weights_only=True)
+    tv = torchvision.models.resnet18(weights=None, num_classes=10)
+    tv.load_state_dict(base['state_dict'])  # the base checkpoint is a torchvision-format state dict
