@@ -18,6 +18,10 @@ lives in models/seam.py in small named steps; main() below only runs them in ord
     python reengineer_seam.py --model resnet20 --pretrained BASE.pt --task multiclass --classes 3,5,8
     python reengineer_seam.py --model resnet20 --dataset cifar100 --data-dir PATH \
         --pretrained cifar100_resnet20-23dac2f1.pt --task multiclass --superclass 0
+    # torchvision ResNet-18/34/50/101 (plain torchvision state dicts load as they are; bottleneck blocks extract too)
+    python reengineer_seam.py --model resnet18 --train-base --base-epochs 10 --task binary --target-class 0
+    python reengineer_seam.py --model resnet50 --pretrained resnet50-11ad3fa6.pth --dataset imagenet --data-dir DIR \
+        --img-size 224 --task binary --target-class 301 --mask-granularity weight+channel --penalty flops
     # defect inheritance: standard fine-tuning vs re-engineer-then-fine-tune, PGD on the pretrained features
     python reengineer_seam.py --model resnet20 --pretrained BASE.pt --task defect --classes 0,1,2,3,4
 
@@ -47,7 +51,8 @@ TORCHVISION = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 p.add_argument('--model', default='resnet20', choices=['resnet20', 'vgg16_bn', *TORCHVISION],
                help='resnet20 / vgg16_bn: CIFAR nets (models/cifar.py); resnet18..101: torchvision ResNets with mask '
                     'layers (models/tv_resnet.py), --pretrained takes a local torchvision state dict')
-p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100'])
+p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100', 'imagenet'],
+               help='imagenet: an ImageFolder DIR/train, DIR/val (--data-dir), 1000 classes; use --img-size 224')
 p.add_argument('--data-dir', default=None)
 p.add_argument('--img-size', type=int, default=32, help='resnet20 only (vgg16_bn needs 32)')
 p.add_argument('--pretrained', default=None,
