@@ -15,7 +15,7 @@ patch embeddings, ViTAE's reduction-cell performers and gating units stay dense.
 
 Kinds and their options (plain values, so they store in a checkpoint's config):
     'monarch'    layers.monarch.MonarchLinear(in, out, nblocks, impl)
-    'butterfly'  layers.butterfly.Butterfly(in, out, impl)                           (no projection from dense)
+    'butterfly'  layers.butterfly.Butterfly(in, out, impl)                           (nblocks 1, increasing strides)
     'pixelfly'   layers.butterfly.FlatBlockButterflyLinear(in, out, pixelfly_butterfly_size, pixelfly_n_factors,
                  pixelfly_block, pixelfly_lowrank)                                   (flat block butterfly + low rank)
 A slot keeps its bias (or its absence), device and dtype.
@@ -26,7 +26,9 @@ Projection from dense (``init='dense'``, ``project_entries``, ``load_projected``
               that support). With rank r: U V = the best rank-r fit of the part outside the kept blocks, then the
               kept blocks = (W - U V) on them; one step of alternating projection, never worse than no low rank,
               not a global optimum (sparse + low rank has no closed form).
-    butterfly ValueError: a product of butterfly factors has no closed-form projection.
+    butterfly ``Butterfly.from_dense``: the hierarchical butterfly factorisation (a truncated SVD of every rank-one
+              sub-matrix, recursively over the factor levels). Exact for a butterfly matrix; otherwise a good
+              projection, not a proven optimum (the deeper levels are greedy).
 
 ``convert`` returns a report: ``{'count', 'kind', 'attn', 'init', 'layers': [{'name', 'role', 'shape', 'from',
 'to', 'params_before', 'params_after', 'flops_before', 'flops_after'}], 'params_before', 'params_after',
@@ -150,8 +152,8 @@ def _pixelfly_entries(layer, weight, bias):
 
 def project_entries(layer, weight, bias=None):
     """{parameter name: tensor} for the structured ``layer`` that best represents the dense ``weight`` (out, in)
-    and ``bias`` (see the module docstring), in the layer's dtype and device. ValueError for a layer that has
-    no projection (Butterfly) or a weight of another shape."""
+    and ``bias`` (see the module docstring), in the layer's dtype and device. ValueError for a weight of another
+    shape or a layer that is not structured."""
     monarch, butterfly, pixelfly = _layer_classes()
     n_in = getattr(layer, 'in_features', getattr(layer, 'in_size', None))
     n_out = getattr(layer, 'out_features', getattr(layer, 'out_size', None))
@@ -169,8 +171,13 @@ def project_entries(layer, weight, bias=None):
         elif isinstance(layer, pixelfly):
             entries = _pixelfly_entries(layer, weight.detach().cpu(), None if bias is None else bias.detach().cpu())
         elif isinstance(layer, butterfly):
-            raise ValueError('a Butterfly layer has no projection from dense weights (a product of butterfly factors '
-                             "has no closed form); use mlp='monarch' or 'pixelfly', or start it fresh")
+            # the layer's own options (direction, blocks, complex); float64, like Monarch's
+            wide = torch.complex128 if weight.is_complex() or layer.complex else torch.float64
+            proj = butterfly.from_dense(weight.detach().to('cpu', wide),
+                                        bias=False if bias is None else bias.detach().to('cpu', wide),
+                                        nblocks=layer.nblocks, increasing_stride=layer.increasing_stride,
+                                        complex=layer.complex, impl='ref')
+            entries = {k: v.detach() for k, v in proj.named_parameters()}
         else:
             raise ValueError(f'{type(layer).__name__} is not a structured layer')
     return {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in entries.items()}
