@@ -49,7 +49,8 @@ import torch.nn as nn
 
 from models.flops import count_flops, count_params, format_count
 
-__all__ = ['KINDS', 'OPTION_DEFAULTS', 'make_linear', 'find_slots', 'project_entries', 'convert', 'format_report',
+__all__ = ['KINDS', 'OPTION_DEFAULTS', 'make_linear', 'find_slots', 'project_entries', 'convert', 'combine_reports',
+           'format_report',
            'load_projected', 'is_structured', 'MODELS', 'build_timm', 'close_matches']
 
 KINDS = ('dense', 'monarch', 'butterfly', 'pixelfly')
@@ -245,6 +246,27 @@ def convert(model, mlp='monarch', attn=None, init='fresh', example_input=None, *
                   flops_after=after['total'] if after else sum(x['flops_after'] for x in layers),
                   flops_unit='per forward of example_input' if before else 'per token, replaced layers only')
     return report
+
+
+def combine_reports(model, parts, mlp, attn=None):
+    """One report for ``model`` (``convert``'s format, kinds ``mlp`` and ``attn``) from ``convert`` reports of its
+    submodules: ``parts`` is [(qualified name of the submodule, its report)], all made with the same init, options
+    and FLOP unit (e.g. ViTAE's normal cells, converted part by part while the model is built). Layer names become
+    model-qualified; ``params_after`` is the model's count and ``params_before`` that plus what the replaced layers
+    saved; FLOPs are summed over the parts (so, as for ``convert`` without ``example_input``, per token of the
+    replaced layers only). None when ``parts`` is empty."""
+    if not parts:
+        return None
+    first = parts[0][1]
+    for prefix, rep in parts:
+        if any(rep[k] != first[k] for k in ('init', 'options', 'flops_unit')):
+            raise ValueError(f'combine_reports: {prefix} was converted with other settings than {parts[0][0]}')
+    layers = [dict(x, name=f"{prefix}.{x['name']}") for prefix, rep in parts for x in rep['layers']]
+    after = count_params(model)
+    return dict(count=len(layers), kind=mlp, attn=attn, init=first['init'], options=first['options'], layers=layers,
+                params_before=after + sum(x['params_before'] - x['params_after'] for x in layers), params_after=after,
+                flops_before=sum(rep['flops_before'] for _, rep in parts),
+                flops_after=sum(rep['flops_after'] for _, rep in parts), flops_unit=first['flops_unit'])
 
 
 def format_report(report):

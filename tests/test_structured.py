@@ -170,7 +170,8 @@ def test_report_matches_models_flops(arch):
 
 
 def test_vitae_switch_equals_the_converter():
-    """ViTAE's mlp= switch builds what convert() makes of the dense model: same keys, shapes, classes, counts."""
+    """ViTAE's mlp= switch builds what convert() makes of the dense model: same keys, shapes, classes, counts and
+    report (tests/test_vitae.py checks that its initialisation is the pre-converter one, bit for bit)."""
     for kind, attn, kw in (('monarch', None, {}), ('monarch', 'monarch', {}), ('butterfly', None, {}),
                            ('pixelfly', None, {'pixelfly_lowrank': 4})):
         built = vitae.vitae_basic_tiny(mlp=kind, monarch_attn=attn is not None, impl='ref', **kw)
@@ -181,6 +182,10 @@ def test_vitae_switch_equals_the_converter():
         assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
         assert [type(m) for m in built.modules()] == [type(m) for m in conv.modules()]
         assert count_params(built) == count_params(conv)
+        # the switch's report is the converter's report of the dense model (per token: no example input)
+        assert built.structured_report == report
+        assert report['params_before'] == 4_882_792  # the official dense count
+    assert vitae.vitae_basic_tiny(mlp='dense').structured_report is None
     # the counts recorded in tests/test_vitae.py (1000 classes) and BENCHMARKS.md (10 classes)
     conv = vitae.vitae_basic_tiny(mlp='dense', impl='ref')
     assert structured.convert(conv, 'monarch', impl='ref')['params_after'] == 3_735_912
