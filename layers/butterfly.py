@@ -99,7 +99,8 @@ def _dense_weight_and_bias(weight_or_linear, bias, who):
     elif isinstance(weight_or_linear, torch.Tensor):
         weight = weight_or_linear
     else:
-        raise ValueError(f"{who}: weight_or_linear must be a tensor or nn.Linear, got {type(weight_or_linear).__name__}")
+        raise ValueError(f"{who}: weight_or_linear must be a tensor or nn.Linear, "
+                         f"got {type(weight_or_linear).__name__}")
     if weight.ndim != 2 or 0 in weight.shape:
         raise ValueError(f"{who}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if not weight.is_floating_point() and not weight.is_complex():

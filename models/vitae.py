@@ -629,9 +629,9 @@ def load_projected_state_dict(model, state_dict, allow_partial=False):
     in dense form (``<name>.weight`` (out, in) and ``<name>.bias``), load their projection
     (``models.structured.project_entries``: for Monarch ``MonarchLinear.from_dense``, the Frobenius-closest Monarch
     matrix, the Monarch paper's dense-to-sparse fine-tuning init; pixelfly: the kept blocks + a low-rank fit of
-    the rest; butterfly: ``Butterfly.from_dense``, the hierarchical butterfly factorisation). Everything else must match by name and shape: a state dict that does not fit
-    raises ValueError with the counts and first few problem keys (``allow_partial``: load what fits).
-    Returns ``model``."""
+    the rest; butterfly: ``Butterfly.from_dense``, the hierarchical butterfly factorisation). Everything else must
+    match by name and shape: a state dict that does not fit raises ValueError with the counts and first few problem
+    keys (``allow_partial``: load what fits). Returns ``model``."""
     _check_vitae(model, 'load_projected_state_dict(model, ...)')
     if not isinstance(state_dict, dict):
         raise ValueError(f'state_dict must be a dict of tensors, got {type(state_dict).__name__}')
