@@ -365,7 +365,7 @@ def train(rank, world_size, args):
     # --- model (same init on every rank: built right after the shared seed), EMA, optimizer, schedule
     config = model_config(args)
     model = build_model(config)
-    if getattr(model, 'structured_report', None):  # timm models: what the converter replaced
+    if getattr(model, 'structured_report', None):  # timm and ViTAE models: what the converter replaced
         from models.structured import format_report
         say(format_report(model.structured_report))
     if args.init_from:

@@ -7,7 +7,9 @@ Contents
 --------
 - ``butterfly_multiply_ref(twiddle, x, increasing_stride=True)``: pure-PyTorch product of butterfly factors.
 - ``butterfly_multiply(twiddle, x, increasing_stride=True, impl='auto')``: same, with optional kernel dispatch.
-- ``Butterfly``: learnable product of log2(n) butterfly factors (padding, stacks, kaleidoscope blocks).
+- ``Butterfly``: learnable product of log2(n) butterfly factors (padding, stacks, kaleidoscope blocks);
+  ``Butterfly.from_dense`` projects a dense weight onto it (hierarchical factorisation, below).
+- ``butterfly_factorize(mats, increasing_stride=True)``: twiddles of the butterfly closest to square matrices.
 - ``fft``, ``ifft``, ``dct``, ``hadamard``: exact fast transforms as Butterfly-based modules.
 - ``FlatBlockButterflyLinear``: the "pixelfly" flat block butterfly sparse linear layer (+ optional low rank).
 
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 __all__ = [
     "butterfly_multiply_ref",
     "butterfly_multiply",
+    "butterfly_factorize",
     "Butterfly",
     "ButterflyTransform",
     "fft",
@@ -86,6 +89,32 @@ def _bit_reversal(n, device=None):
     for bit in range(log_n):
         rev |= ((idx >> bit) & 1) << (log_n - 1 - bit)
     return rev
+
+
+def _dense_weight_and_bias(weight_or_linear, bias, who):
+    """(weight (out, in), bias (out,) or None) from a tensor or nn.Linear and a from_dense ``bias`` argument."""
+    lin_bias = None
+    if isinstance(weight_or_linear, nn.Linear):
+        weight, lin_bias = weight_or_linear.weight, weight_or_linear.bias
+    elif isinstance(weight_or_linear, torch.Tensor):
+        weight = weight_or_linear
+    else:
+        raise ValueError(f"{who}: weight_or_linear must be a tensor or nn.Linear, "
+                         f"got {type(weight_or_linear).__name__}")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise ValueError(f"{who}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point() and not weight.is_complex():
+        raise ValueError(f"{who}: weight must be floating point or complex, got {weight.dtype}")
+    if bias is None:
+        bias = lin_bias
+    elif bias is False:
+        bias = None
+    elif isinstance(bias, torch.Tensor):
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{who}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    else:
+        raise ValueError(f"{who}: bias must be None, False or a tensor, got {bias!r}")
+    return weight, bias
 
 
 def _first_lines(text, n=3):
@@ -194,6 +223,78 @@ def butterfly_multiply(twiddle, x, increasing_stride=True, impl="auto"):
     except NotImplementedError as e:  # the kernel's signal for an unsupported device/shape
         _warn_fallback(f"NotImplementedError: {e}")
         return butterfly_multiply_ref(twiddle, x, increasing_stride)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Projection from dense: hierarchical butterfly factorisation
+# --------------------------------------------------------------------------------------------------------
+def butterfly_factorize(mats, increasing_stride=True):
+    """Twiddles of one butterfly block (log_n factors) approximating each square matrix, by the hierarchical
+    factorisation of Le Magoarou & Gribonval (2016) and Zheng, Riccietti & Gribonval (2023).
+
+    Args:
+        mats: (batch, n, n), n = 2**log_n >= 2, real or complex; ``y = mats[b] @ x`` is the map to approximate.
+        increasing_stride: direction of the block (as in ``butterfly_multiply_ref``).
+    Returns:
+        (batch, log_n, n // 2, 2, 2) in the dtype of ``mats``: ``twiddle[:, None]`` (one stack per matrix, one
+        block) reproduces ``mats`` exactly when each is a butterfly product of that direction.
+
+    Why it works (increasing strides; decreasing is the transpose, below). Write an index as i = h * 2**k + l,
+    l its k low bits. The first k factors mix only low bits and the others only high bits, so the product is
+    M = A C with C = blockdiag_h(C_h) and A[(h', l'), (h, l)] = [l == l'] A_l'[h', h], hence
+    M[(h', l'), (h, l)] = A_l'[h', h] * C_h[l', l]: for each (l', h), the (h', l) sub-matrix is the outer product
+    of column h of A_l' and row l' of C_h, and no other sub-matrix uses either vector. The closest product A C
+    with these supports is therefore the best rank-one fit of every sub-matrix on its own (truncated SVD).
+    A_l and C_h are butterflies of sizes 2**(log_n - k) and 2**k: recurse (balanced split, k = log_n // 2) down
+    to 2x2 twiddles, which are the sub-matrices themselves. If M is a butterfly, every sub-matrix has rank <= 1,
+    the split is exact and the recovered A, C are the true ones up to a diagonal scaling (the free scale of each
+    rank-one term), itself a butterfly factor: the recursion is exact again. For any other M only the first split
+    is optimal (over the larger set of such products A C); the deeper splits are greedy, so the result is a good
+    projection, not the proven optimum (Le, Zheng, Riccietti & Gribonval 2024 add an orthonormalisation for a
+    quasi-optimality bound; not done here).
+    """
+    if not isinstance(mats, torch.Tensor) or mats.dim() != 3 or mats.shape[1] != mats.shape[2] \
+            or mats.shape[1] < 2 or not _is_pow2(mats.shape[1]):
+        shape = tuple(mats.shape) if isinstance(mats, torch.Tensor) else type(mats).__name__
+        raise ValueError(f"butterfly_factorize: mats must have shape (batch, n, n) with n a power of 2 >= 2, "
+                         f"got {shape}")
+    if increasing_stride:
+        return _factorize_increasing(mats)
+    # A decreasing block D = F_0 F_1 ... F_{L-1} (stride 2**(L-1) applied first) is the transpose of the increasing
+    # block F_{L-1}^T ... F_0^T: factor the transpose, then transpose every 2x2 twiddle and reverse the order.
+    return _factorize_increasing(mats.transpose(1, 2)).flip(1).transpose(-1, -2)
+
+
+def _factorize_increasing(mats):
+    """(batch, n, n) -> (batch, log_n, n // 2, 2, 2), increasing strides (see ``butterfly_factorize``)."""
+    batch, n = mats.shape[:2]
+    log_n = n.bit_length() - 1
+    if log_n == 1:  # one factor, one pair: the twiddle is the matrix
+        return mats.reshape(batch, 1, 1, 2, 2)
+    k = log_n // 2
+    lo, hi = 1 << k, n >> k
+    # (batch, l', h, h', l): one (hi x lo) sub-matrix per (l', h), each fitted by its leading singular pair
+    blocks = mats.reshape(batch, hi, lo, hi, lo).permute(0, 2, 3, 1, 4)
+    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+    root = s[..., :1].sqrt()  # the scale is split evenly, so neither side's entries blow up
+    col = u[..., 0] * root  # (batch, l', h, h'): column h of A_l'
+    row = vh[..., 0, :] * root  # (batch, l', h, l): row l' of C_h
+    high = col.transpose(-1, -2).reshape(batch * lo, hi, hi)  # A_l'[h', h]
+    low = row.transpose(1, 2).reshape(batch * hi, lo, lo)  # C_h[l', l]
+    tw_low = _factorize_increasing(low).reshape(batch, hi, k, lo // 2, 2, 2)
+    tw_high = _factorize_increasing(high).reshape(batch, lo, log_n - k, hi // 2, 2, 2)
+    # Global pair index of a factor of C_h: j = h * lo/2 + (its own pair index); of A_l: j = (own) * lo + l.
+    tw_low = tw_low.permute(0, 2, 1, 3, 4, 5).reshape(batch, k, n // 2, 2, 2)
+    tw_high = tw_high.permute(0, 2, 3, 1, 4, 5).reshape(batch, log_n - k, n // 2, 2, 2)
+    return torch.cat([tw_low, tw_high], 1)
+
+
+def _stack_matrices(twiddle, increasing_stride):
+    """(nstacks, n, n) dense matrices of a twiddle (nstacks, nblocks, log_n, n // 2, 2, 2)."""
+    nstacks, n = twiddle.shape[0], 2 * twiddle.shape[3]
+    eye = torch.eye(n, dtype=twiddle.dtype, device=twiddle.device)
+    cols = butterfly_multiply_ref(twiddle, eye.unsqueeze(1).expand(n, nstacks, n), increasing_stride)
+    return cols.permute(1, 2, 0)  # cols[z, s] = M_s e_z, column z of M_s
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -312,6 +413,75 @@ class Butterfly(nn.Module):
         """Dense (out_size, in_size) matrix of the linear part (no bias), in the twiddle dtype."""
         eye = torch.eye(self.in_size, dtype=self.twiddle.dtype, device=self.twiddle.device)
         return self._butterfly(eye).transpose(0, 1)
+
+    @classmethod
+    def from_dense(cls, weight_or_linear, bias=None, nblocks=1, increasing_stride=True, complex=None, impl="auto"):
+        """A Butterfly layer whose matrix approximates a dense weight: ``butterfly_factorize`` of every stack.
+
+        Args:
+            weight_or_linear: an (out, in) real or complex floating-point tensor, or an ``nn.Linear``.
+            bias: None -> the nn.Linear's bias if one is given (no bias for a plain tensor);
+                  a tensor (out,) -> that bias; False -> no bias.
+            nblocks, increasing_stride, impl: as in the constructor.
+            complex: None -> complex twiddles iff the weight is complex; True with a real weight gives complex
+                     twiddles holding the same (real) fit.
+        Returns:
+            Butterfly on the weight's device, in its dtype (complex=True with a real weight: the complex
+            counterpart). Computed in double precision. Consumes no random numbers.
+
+        Exactness. The layer's matrix is the first ``out`` rows and ``in`` columns of the stacked n x n butterflies
+        [M_0; M_1; ...]; the rest is never seen. Each stack is fitted to its rows of the weight, zero-padded to
+        n x n. Zeroing rows or columns of a butterfly (a 0/1 diagonal on either side) leaves a butterfly, since a
+        diagonal merges into the first or last factor; so the zero-padded target loses nothing: for nblocks=1 the
+        matrix of any Butterfly of the same direction (whatever its hidden rows and columns) comes back exactly,
+        square or rectangular, power of 2 or padded, real or complex.
+
+        nblocks >= 2 (kaleidoscope products) is NOT recovered exactly: every bit is mixed by two blocks, so no
+        split of the product has the disjoint rank-one sub-matrices the hierarchical algorithm needs, and the
+        best fit has no closed form. Here one block is fitted and the others are the identity (within the set,
+        so never worse than nblocks=1); both directions are tried (blocks 0 and 1) and each stack keeps the
+        closer fit on the visible entries. Exact for a matrix that is a single butterfly of either direction.
+        """
+        weight, bias = _dense_weight_and_bias(weight_or_linear, bias, "Butterfly.from_dense")
+        if complex is None:
+            complex = weight.is_complex()
+        elif not complex and weight.is_complex():
+            raise ValueError("Butterfly.from_dense: complex=False but the weight is complex; pass complex=True or "
+                             "None")
+        out_size, in_size = weight.shape
+        layer = cls(in_size, out_size, bias=bias is not None, complex=complex, increasing_stride=increasing_stride,
+                    nblocks=nblocks, init="identity", device=weight.device, dtype=weight.dtype, impl=impl)
+        with torch.no_grad():
+            layer.twiddle.copy_(layer._fit_twiddle(weight.detach()))
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    def _fit_twiddle(self, weight):
+        """Twiddle (nstacks, nblocks, log_n, n // 2, 2, 2), double precision, fitted to (out_size, in_size)."""
+        work = torch.complex128 if self.complex else torch.float64
+        n, nstacks = self.n, self.nstacks
+        padded = weight.new_zeros(nstacks * n, n, dtype=work)
+        padded[: self.out_size, : self.in_size] = weight.to(work)
+        mats = padded.reshape(nstacks, n, n)
+        if self.nblocks == 1:
+            return butterfly_factorize(mats, self.increasing_stride).unsqueeze(1)
+        visible = torch.zeros(nstacks * n, n, dtype=torch.bool, device=weight.device)
+        visible[: self.out_size, : self.in_size] = True
+        visible = visible.reshape(nstacks, n, n)
+        ident = torch.eye(2, dtype=work, device=weight.device)
+        best = best_err = None
+        for b in (0, 1):  # block b's direction flips with each block
+            tw = ident.expand(nstacks, self.nblocks, self.log_n, n // 2, 2, 2).clone()
+            tw[:, b] = butterfly_factorize(mats, self.increasing_stride == (b == 0))
+            diff = (_stack_matrices(tw, self.increasing_stride) - mats) * visible
+            err = diff.abs().pow(2).sum((1, 2))
+            if best is None:
+                best, best_err = tw, err
+            else:
+                keep = (err < best_err).reshape(nstacks, 1, 1, 1, 1, 1)
+                best, best_err = torch.where(keep, tw, best), torch.minimum(err, best_err)
+        return best
 
     def flops(self, batch_tokens=1):
         """Real arithmetic ops for ``batch_tokens`` input vectors (convention in the module docstring)."""

@@ -15,7 +15,7 @@ patch embeddings, ViTAE's reduction-cell performers and gating units stay dense.
 
 Kinds and their options (plain values, so they store in a checkpoint's config):
     'monarch'    layers.monarch.MonarchLinear(in, out, nblocks, impl)
-    'butterfly'  layers.butterfly.Butterfly(in, out, impl)                           (no projection from dense)
+    'butterfly'  layers.butterfly.Butterfly(in, out, impl)                           (nblocks 1, increasing strides)
     'pixelfly'   layers.butterfly.FlatBlockButterflyLinear(in, out, pixelfly_butterfly_size, pixelfly_n_factors,
                  pixelfly_block, pixelfly_lowrank)                                   (flat block butterfly + low rank)
 A slot keeps its bias (or its absence), device and dtype.
@@ -26,7 +26,9 @@ Projection from dense (``init='dense'``, ``project_entries``, ``load_projected``
               that support). With rank r: U V = the best rank-r fit of the part outside the kept blocks, then the
               kept blocks = (W - U V) on them; one step of alternating projection, never worse than no low rank,
               not a global optimum (sparse + low rank has no closed form).
-    butterfly ValueError: a product of butterfly factors has no closed-form projection.
+    butterfly ``Butterfly.from_dense``: the hierarchical butterfly factorisation (a truncated SVD of every rank-one
+              sub-matrix, recursively over the factor levels). Exact for a butterfly matrix; otherwise a good
+              projection, not a proven optimum (the deeper levels are greedy).
 
 ``convert`` returns a report: ``{'count', 'kind', 'attn', 'init', 'layers': [{'name', 'role', 'shape', 'from',
 'to', 'params_before', 'params_after', 'flops_before', 'flops_after'}], 'params_before', 'params_after',
@@ -47,7 +49,8 @@ import torch.nn as nn
 
 from models.flops import count_flops, count_params, format_count
 
-__all__ = ['KINDS', 'OPTION_DEFAULTS', 'make_linear', 'find_slots', 'project_entries', 'convert', 'format_report',
+__all__ = ['KINDS', 'OPTION_DEFAULTS', 'make_linear', 'find_slots', 'project_entries', 'convert', 'combine_reports',
+           'format_report',
            'load_projected', 'is_structured', 'MODELS', 'build_timm', 'close_matches']
 
 KINDS = ('dense', 'monarch', 'butterfly', 'pixelfly')
@@ -150,8 +153,8 @@ def _pixelfly_entries(layer, weight, bias):
 
 def project_entries(layer, weight, bias=None):
     """{parameter name: tensor} for the structured ``layer`` that best represents the dense ``weight`` (out, in)
-    and ``bias`` (see the module docstring), in the layer's dtype and device. ValueError for a layer that has
-    no projection (Butterfly) or a weight of another shape."""
+    and ``bias`` (see the module docstring), in the layer's dtype and device. ValueError for a weight of another
+    shape or a layer that is not structured."""
     monarch, butterfly, pixelfly = _layer_classes()
     n_in = getattr(layer, 'in_features', getattr(layer, 'in_size', None))
     n_out = getattr(layer, 'out_features', getattr(layer, 'out_size', None))
@@ -169,8 +172,13 @@ def project_entries(layer, weight, bias=None):
         elif isinstance(layer, pixelfly):
             entries = _pixelfly_entries(layer, weight.detach().cpu(), None if bias is None else bias.detach().cpu())
         elif isinstance(layer, butterfly):
-            raise ValueError('a Butterfly layer has no projection from dense weights (a product of butterfly factors '
-                             "has no closed form); use mlp='monarch' or 'pixelfly', or start it fresh")
+            # the layer's own options (direction, blocks, complex); float64, like Monarch's
+            wide = torch.complex128 if weight.is_complex() or layer.complex else torch.float64
+            proj = butterfly.from_dense(weight.detach().to('cpu', wide),
+                                        bias=False if bias is None else bias.detach().to('cpu', wide),
+                                        nblocks=layer.nblocks, increasing_stride=layer.increasing_stride,
+                                        complex=layer.complex, impl='ref')
+            entries = {k: v.detach() for k, v in proj.named_parameters()}
         else:
             raise ValueError(f'{type(layer).__name__} is not a structured layer')
     return {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in entries.items()}
@@ -238,6 +246,27 @@ def convert(model, mlp='monarch', attn=None, init='fresh', example_input=None, *
                   flops_after=after['total'] if after else sum(x['flops_after'] for x in layers),
                   flops_unit='per forward of example_input' if before else 'per token, replaced layers only')
     return report
+
+
+def combine_reports(model, parts, mlp, attn=None):
+    """One report for ``model`` (``convert``'s format, kinds ``mlp`` and ``attn``) from ``convert`` reports of its
+    submodules: ``parts`` is [(qualified name of the submodule, its report)], all made with the same init, options
+    and FLOP unit (e.g. ViTAE's normal cells, converted part by part while the model is built). Layer names become
+    model-qualified; ``params_after`` is the model's count and ``params_before`` that plus what the replaced layers
+    saved; FLOPs are summed over the parts (so, as for ``convert`` without ``example_input``, per token of the
+    replaced layers only). None when ``parts`` is empty."""
+    if not parts:
+        return None
+    first = parts[0][1]
+    for prefix, rep in parts:
+        if any(rep[k] != first[k] for k in ('init', 'options', 'flops_unit')):
+            raise ValueError(f'combine_reports: {prefix} was converted with other settings than {parts[0][0]}')
+    layers = [dict(x, name=f"{prefix}.{x['name']}") for prefix, rep in parts for x in rep['layers']]
+    after = count_params(model)
+    return dict(count=len(layers), kind=mlp, attn=attn, init=first['init'], options=first['options'], layers=layers,
+                params_before=after + sum(x['params_before'] - x['params_after'] for x in layers), params_after=after,
+                flops_before=sum(rep['flops_before'] for _, rep in parts),
+                flops_after=sum(rep['flops_after'] for _, rep in parts), flops_unit=first['flops_unit'])
 
 
 def format_report(report):

@@ -33,6 +33,10 @@ normal-cell MLP (``nn.Linear``, ``layers.monarch.MonarchLinear``, ``layers.butte
 and ``proj`` MonarchLinear (the Monarch paper replaces both). The reduction cells' performer layers stay dense (they
 are the convolutional-stem part of ViTAE, and the hand-edited NormalCell.py of the user's notes touched only the
 normal cells). Structured layers are imported only when asked for, so a dense model needs nothing from ``layers/``.
+The layers are made by the converter every model uses (``models.structured.convert``), applied to each normal cell
+while it is built, so that the random initialisation is drawn in the same order as when the cells built the layers
+themselves (same seed, same model); ``model.structured_report`` is its report (layers replaced, parameters before and
+after, FLOPs per token; ``structured.format_report`` prints it), None for a dense model.
 
 Conversions:
     densify(model)                       -> dense-MLP model, structured weights replaced by their exact to_dense()
@@ -269,20 +273,42 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class NormalCell(nn.Module):
-    """Transformer block with a parallel convolution module. forward(x (B, H*W, dim), hw) -> (B, H*W, dim)."""
+def _slot_linear(kind, n_in, n_out):
+    """The linear a normal cell starts with in a slot of ``kind``: a plain nn.Linear for 'dense'; for a structured
+    kind an uninitialised placeholder (``torch.nn.utils.skip_init``: built on the meta device, so it draws no random
+    numbers) that ``structured.convert`` replaces straight away."""
+    if kind == 'dense':
+        return nn.Linear(n_in, n_out)
+    return torch.nn.utils.skip_init(nn.Linear, n_in, n_out, device=torch.get_default_device())
 
-    def __init__(self, dim, num_heads, mlp_ratio, group, drop_path, make_linear, monarch_attn, drop=0.0,
-                 attn_drop=0.0):
+
+class NormalCell(nn.Module):
+    """Transformer block with a parallel convolution module. forward(x (B, H*W, dim), hw) -> (B, H*W, dim).
+
+    mlp, attn: the kinds of the MLP's fc1/fc2 and of the attention's qkv/proj ('dense' or a
+    ``models.structured.KINDS`` kind), made by ``structured.convert`` with ``options`` (its keywords: nblocks, impl,
+    pixelfly_*). ``structured_reports``: the converter's reports for this cell (empty when all dense).
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio, group, drop_path, mlp='dense', attn='dense', options=None,
+                 drop=0.0, attn_drop=0.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        self.structured_reports = []
+        # Each part is converted as soon as it exists (attention, then MLP, then the PCM is built), not the finished
+        # model: the structured layers then draw their random initialisation exactly where the cell used to build
+        # them (qkv, proj, fc1, fc2, PCM; a dense slot draws its own nn.Linear init in its place), so a seed gives
+        # the same model as before and the recorded training runs stay reproducible.
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        attn_kind = 'monarch' if monarch_attn else 'dense'
-        self.attn = Attention(dim, num_heads, qkv=make_linear(attn_kind, dim, 3 * dim),
-                              proj=make_linear(attn_kind, dim, dim), attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, qkv=_slot_linear(attn, dim, 3 * dim), proj=_slot_linear(attn, dim, dim),
+                              attn_drop=attn_drop, proj_drop=drop)
+        if attn != 'dense':
+            self._convert('dense', attn, options)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(make_linear(None, dim, hidden), make_linear(None, hidden, dim), drop=drop)
+        self.mlp = Mlp(_slot_linear(mlp, dim, hidden), _slot_linear(mlp, hidden, dim), drop=drop)
+        if mlp != 'dense':
+            self._convert(mlp, None, options)
         self.PCM = nn.Sequential(
             nn.Conv2d(dim, hidden, 3, padding=1, groups=group),
             nn.BatchNorm2d(hidden),
@@ -292,6 +318,15 @@ class NormalCell(nn.Module):
             nn.SiLU(),
             nn.Conv2d(dim, dim, 3, padding=1, groups=group),
             nn.SiLU())
+
+    def _convert(self, mlp, attn, options):
+        """Replace the placeholders built so far (``_slot_linear``) by fresh ``mlp`` / ``attn`` layers."""
+        try:
+            self.structured_reports.append(structured.convert(self, mlp, attn=attn, init='fresh', **(options or {})))
+        except ValueError as e:
+            kind = attn or mlp
+            hint = _option_hint(kind, options or {})
+            raise ValueError(f'mlp={kind!r} cannot build a normal-cell layer ({hint}): {e}') from e
 
     def forward(self, x, hw):
         b, n, c = x.shape
@@ -340,9 +375,9 @@ class ViTAE(nn.Module):
     Build it with one of the variant functions (``MODELS[name](**kwargs)``), which also validates the arguments.
     """
 
-    def __init__(self, embed_dims, token_dims, depth, heads, mlp_ratio, group, make_linear, num_classes=1000,
-                 in_chans=3, drop_path_rate=0.1, monarch_attn=False, drop_rate=0.0, attn_drop_rate=0.0,
-                 performer_drop_rate=0.1):
+    def __init__(self, embed_dims, token_dims, depth, heads, mlp_ratio, group, num_classes=1000, in_chans=3,
+                 drop_path_rate=0.1, mlp='dense', attn='dense', structured_options=None, drop_rate=0.0,
+                 attn_drop_rate=0.0, performer_drop_rate=0.1):
         super().__init__()
         self.num_classes = num_classes
         self.grad_checkpointing = False
@@ -355,8 +390,9 @@ class ViTAE(nn.Module):
                                attention=i < 2, performer_drop=performer_drop_rate)
             if rc.out_dim != token_dims[i]:
                 raise ValueError(f'stage {i}: PRM gives {rc.out_dim} channels but token_dims[{i}]={token_dims[i]}')
-            ncs = [NormalCell(token_dims[i], heads, mlp_ratio, group, dpr[j], make_linear, monarch_attn,
-                              drop=drop_rate, attn_drop=attn_drop_rate) for j in range(depth)] if i == 2 else []
+            ncs = [NormalCell(token_dims[i], heads, mlp_ratio, group, dpr[j], mlp=mlp, attn=attn,
+                              options=structured_options, drop=drop_rate, attn_drop=attn_drop_rate)
+                   for j in range(depth)] if i == 2 else []
             stages.append(BasicLayer(rc, ncs))
             chans = token_dims[i]
         self.layers = nn.ModuleList(stages)
@@ -476,38 +512,28 @@ def _resolve_kwargs(name, kwargs):
     return kw
 
 
-def _linear_factory(kw):
-    """make_linear(kind, in_features, out_features); kind None means the MLP kind chosen by kw['mlp']."""
-
-    def make_linear(kind, n_in, n_out):
-        kind = kw['mlp'] if kind is None else kind
-        # One factory for every structured layer (models.structured, also behind convert() for timm models). The
-        # layers are built here, inside the cell, rather than converted afterwards, so that a model draws its
-        # random initialisation in the same order as before (the recorded digits runs stay reproducible).
-        try:
-            return structured.make_linear(kind, n_in, n_out, nblocks=kw['nblocks'], impl=kw['impl'],
-                                          pixelfly_butterfly_size=kw['pixelfly_butterfly_size'],
-                                          pixelfly_n_factors=kw['pixelfly_n_factors'],
-                                          pixelfly_block=kw['pixelfly_block'], pixelfly_lowrank=kw['pixelfly_lowrank'])
-        except ValueError as e:
-            if kind == 'pixelfly':  # the layer names its own arguments; say which of ours they are
-                hint = ('pixelfly_butterfly_size, pixelfly_n_factors, pixelfly_block, pixelfly_lowrank are the '
-                        "layer's butterfly_size, n_factors, block, lowrank_rank")
-            else:
-                hint = f'nblocks={kw["nblocks"]}' if kind == 'monarch' else 'no arguments to change'
-            raise ValueError(f'mlp={kind!r} cannot build a {n_in}->{n_out} layer ({hint}): {e}') from e
-
-    return make_linear
+def _option_hint(kind, options):
+    """Which of our keywords a layer's error message is about."""
+    if kind == 'pixelfly':  # the layer names its own arguments; say which of ours they are
+        return ('pixelfly_butterfly_size, pixelfly_n_factors, pixelfly_block, pixelfly_lowrank are the layer\'s '
+                'butterfly_size, n_factors, block, lowrank_rank')
+    return f"nblocks={options.get('nblocks')}" if kind == 'monarch' else 'no arguments to change'
 
 
 def _build(name, kwargs):
     kw = _resolve_kwargs(name, kwargs)
     arch = ARCHS[name]
+    attn = 'monarch' if kw['monarch_attn'] else 'dense'
+    options = {k: kw[k] for k in structured.OPTION_DEFAULTS}
     model = ViTAE(arch['embed_dims'], arch['token_dims'], arch['depth'], arch['heads'], arch['mlp_ratio'],
-                  arch['group'], _linear_factory(kw), num_classes=kw['num_classes'], in_chans=kw['in_chans'],
-                  drop_path_rate=kw['drop_path_rate'], monarch_attn=kw['monarch_attn'], drop_rate=kw['drop_rate'],
-                  attn_drop_rate=kw['attn_drop_rate'], performer_drop_rate=kw['performer_drop_rate'])
+                  arch['group'], num_classes=kw['num_classes'], in_chans=kw['in_chans'],
+                  drop_path_rate=kw['drop_path_rate'], mlp=kw['mlp'], attn=attn, structured_options=options,
+                  drop_rate=kw['drop_rate'], attn_drop_rate=kw['attn_drop_rate'],
+                  performer_drop_rate=kw['performer_drop_rate'])
     model.config = {'family': 'vitae', 'name': name, 'kwargs': kw}
+    parts = [(f'layers.{i}.NC.{j}', rep) for i, layer in enumerate(model.layers) for j, nc in enumerate(layer.NC)
+             for rep in nc.structured_reports]
+    model.structured_report = structured.combine_reports(model, parts, kw['mlp'], None if attn == 'dense' else attn)
     return model
 
 
@@ -603,9 +629,9 @@ def load_projected_state_dict(model, state_dict, allow_partial=False):
     in dense form (``<name>.weight`` (out, in) and ``<name>.bias``), load their projection
     (``models.structured.project_entries``: for Monarch ``MonarchLinear.from_dense``, the Frobenius-closest Monarch
     matrix, the Monarch paper's dense-to-sparse fine-tuning init; pixelfly: the kept blocks + a low-rank fit of
-    the rest; butterfly has none). Everything else must match by name and shape: a state dict that does not fit
-    raises ValueError with the counts and first few problem keys (``allow_partial``: load what fits).
-    Returns ``model``."""
+    the rest; butterfly: ``Butterfly.from_dense``, the hierarchical butterfly factorisation). Everything else must
+    match by name and shape: a state dict that does not fit raises ValueError with the counts and first few problem
+    keys (``allow_partial``: load what fits). Returns ``model``."""
     _check_vitae(model, 'load_projected_state_dict(model, ...)')
     if not isinstance(state_dict, dict):
         raise ValueError(f'state_dict must be a dict of tensors, got {type(state_dict).__name__}')

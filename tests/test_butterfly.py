@@ -316,6 +316,132 @@ def test_butterfly_value_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Projection from dense (Butterfly.from_dense, butterfly_factorize)
+# ---------------------------------------------------------------------------------------------------------
+def random_butterfly(in_size, out_size, seed, **kw):
+    """A Butterfly with random twiddles and bias (randn init, seeded), float64, reference product."""
+    torch.manual_seed(seed)
+    layer = Butterfly(in_size, out_size, dtype=torch.float64, impl="ref", **kw)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.normal_()
+    return layer
+
+
+PROJECTION_CASES = [  # (in, out, increasing, complex)
+    (16, 16, True, False),  # square, power of 2
+    (16, 16, False, False),  # decreasing strides
+    (12, 12, True, False),  # padded 12 -> 16 (hidden columns and rows)
+    (16, 40, True, False),  # rectangular: 3 stacks, the last one partly hidden
+    (20, 8, False, False),  # out < n: most rows hidden
+    (5, 37, True, True),  # complex, 5 stacks of 8
+    (1, 3, True, False),  # smallest: n = 2
+    (256, 64, True, False),  # log_n = 8: three levels of splits
+]
+
+
+@pytest.mark.parametrize("in_size,out_size,increasing,cplx", PROJECTION_CASES)
+def test_from_dense_recovers_a_butterfly_layer(in_size, out_size, increasing, cplx):
+    """The matrix of a random layer (built by the loop reference, hidden rows and columns random too) projected
+    back gives the layer's outputs; float32 like a model's weights."""
+    src = random_butterfly(in_size, out_size, 20, increasing_stride=increasing, complex=cplx)
+    weight = butterfly_dense(src).to(torch.complex64 if cplx else torch.float32)
+    proj = Butterfly.from_dense(weight, bias=src.bias.detach().to(weight.dtype), increasing_stride=increasing,
+                                impl="ref")
+    assert (proj.twiddle.dtype, proj.complex, proj.nblocks) == (weight.dtype, cplx, 1)
+    assert not torch.allclose(proj.twiddle.to(src.twiddle.dtype), src.twiddle)  # other factors, same matrix
+    x = torch.randn(7, in_size, dtype=torch.float64)
+    assert (proj(x.float()) - src(x)).abs().max() < 1e-5
+
+
+def test_from_dense_of_two_factors_is_the_optimum():
+    """n = 4 has two factors: the one split is optimal, so the squared error is stationary at the projection and
+    no nearby twiddles do better."""
+    torch.manual_seed(21)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    proj = Butterfly.from_dense(w, impl="ref")
+    loss = (proj.to_dense() - w).pow(2).sum()
+    loss.backward()
+    assert proj.twiddle.grad.abs().max() < 1e-10
+    base = proj.twiddle.detach().clone()
+    for _ in range(20):
+        with torch.no_grad():
+            proj.twiddle.copy_(base + 1e-3 * torch.randn_like(base))
+        assert (proj.to_dense() - w).pow(2).sum() > loss
+
+
+def test_from_dense_projects_near_butterflies_near_and_random_matrices_better_than_a_baseline():
+    torch.manual_seed(22)
+    n_in, n_out = 48, 96
+    b = butterfly_dense(random_butterfly(n_in, n_out, 23, bias=False))
+    e = torch.randn(n_out, n_in, dtype=torch.float64)
+    e *= b.norm() / e.norm()
+    # a perturbed butterfly lands near the butterfly, closer as the perturbation shrinks (linearly)
+    errs = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        target = b + eps * e
+        got = Butterfly.from_dense(target, impl="ref").to_dense().detach()
+        assert (got - b).norm() < (eps * e).norm()
+        errs.append((got - target).norm().item())
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.02 * errs[0]
+    # a random matrix: at least as close as a fresh butterfly scaled by least squares, and no closer than the best
+    # fit of its first split (the rank-one fit of every sub-matrix, the optimum over a larger set)
+    w = torch.randn(64, 64, dtype=torch.float64)
+    err = (Butterfly.from_dense(w, impl="ref").to_dense() - w).norm()
+    fresh = Butterfly(64, 64, dtype=torch.float64, impl="ref").to_dense().detach()
+    scale = (fresh * w).sum() / (fresh * fresh).sum()
+    assert err < 0.95 * (scale * fresh - w).norm()
+    blocks = w.reshape(8, 8, 8, 8).permute(1, 2, 0, 3)  # index = 8 h + l; block (l', h) over (h', l)
+    first_split = torch.linalg.svdvals(blocks)[..., 1:].pow(2).sum().sqrt()
+    assert first_split <= err
+
+
+def test_from_dense_several_blocks_and_options():
+    src = random_butterfly(12, 40, 24, increasing_stride=False)
+    w = butterfly_dense(src)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    # nblocks=2 starting increasing: block 1 is decreasing and takes the fit, block 0 stays the identity
+    two = Butterfly.from_dense(w, bias=src.bias, nblocks=2, increasing_stride=True, impl="ref")
+    torch.testing.assert_close(two(x), src(x))
+    # a kaleidoscope product is not recovered exactly (module docstring), but fits no worse than one block
+    k = butterfly_dense(random_butterfly(12, 40, 25, nblocks=2))
+    err2 = (Butterfly.from_dense(k, nblocks=2, impl="ref").to_dense() - k).norm()
+    for inc in (True, False):
+        assert err2 <= (Butterfly.from_dense(k, increasing_stride=inc, impl="ref").to_dense() - k).norm() + 1e-12
+    # an nn.Linear brings its bias; bias=False drops it; complex=True projects a real weight onto complex twiddles
+    lin = torch.nn.Linear(12, 40, dtype=torch.float64)
+    assert torch.equal(Butterfly.from_dense(lin, impl="ref").bias, lin.bias)
+    assert Butterfly.from_dense(lin, bias=False, impl="ref").bias is None
+    c = Butterfly.from_dense(w, complex=True, increasing_stride=False, impl="ref")
+    assert c.twiddle.dtype == torch.complex128
+    torch.testing.assert_close(c.to_dense().real, w)
+    # butterfly_factorize alone: one block per matrix, exact for butterflies of either direction
+    tw = torch.randn(3, 1, 4, 8, 2, 2, dtype=torch.float64)
+    for inc in (True, False):
+        mats = torch.stack([stack_matrix(tw[i], inc) for i in range(3)])
+        fitted = bfly.butterfly_factorize(mats, inc)
+        assert fitted.shape == (3, 4, 8, 2, 2)
+        torch.testing.assert_close(torch.stack([stack_matrix(fitted[i, None], inc) for i in range(3)]), mats)
+
+
+def test_from_dense_value_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        Butterfly.from_dense(torch.randn(4))
+    with pytest.raises(ValueError, match="floating point"):
+        Butterfly.from_dense(torch.ones(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        Butterfly.from_dense(torch.randn(4, 3), bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="tensor or nn.Linear"):
+        Butterfly.from_dense([[1.0]])
+    with pytest.raises(ValueError, match="complex=False"):
+        Butterfly.from_dense(torch.randn(4, 4, dtype=torch.complex64), complex=False)
+    with pytest.raises(ValueError, match="nblocks"):
+        Butterfly.from_dense(torch.randn(4, 4), nblocks=0)
+    with pytest.raises(ValueError, match=r"\(batch, n, n\)"):
+        bfly.butterfly_factorize(torch.randn(2, 6, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Flat block butterfly
 # ---------------------------------------------------------------------------------------------------------
 # Union of butterfly factor masks at strides 1 and 2 for butterfly_size = 8, written out by hand:

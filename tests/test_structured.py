@@ -110,6 +110,37 @@ def test_from_dense_reproduces_a_monarch_representable_model(arch):
         assert (fresh(X) - ref).abs().max() > 1e-2
 
 
+def _set_butterfly_weights(model, names, seed):
+    """Give each named nn.Linear a weight that is exactly a Butterfly layer's matrix (random twiddles, the layer's
+    padding and stacks), taken by feeding the identity through the layer."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            lin = model.get_submodule(name)
+            b = Butterfly(lin.in_features, lin.out_features, bias=False, impl='ref')
+            lin.weight.copy_(b(torch.eye(lin.in_features)).T)
+
+
+@pytest.mark.parametrize('arch', sorted(ARCHS))
+def test_from_dense_reproduces_a_butterfly_representable_model(arch):
+    make, mlp_names, _, _ = ARCHS[arch]
+    torch.manual_seed(8)
+    dense = make().eval()
+    _set_butterfly_weights(dense, mlp_names, seed=9)
+    model = copy.deepcopy(dense)
+    report = structured.convert(model, 'butterfly', init='dense', impl='ref')
+    assert [x['to'] for x in report['layers']] == ['Butterfly'] * len(mlp_names)
+    with torch.no_grad():
+        ref, out = dense(X), model(X)
+        assert (out - ref).abs().max() < 1e-5
+        for name in mlp_names:  # the biases come over as they are
+            assert torch.equal(model.get_submodule(name).bias, dense.get_submodule(name).bias)
+    fresh = copy.deepcopy(dense)
+    structured.convert(fresh, 'butterfly', init='fresh', impl='ref')
+    with torch.no_grad():
+        assert (fresh(X) - ref).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize('arch', sorted(ARCHS))
 def test_report_matches_models_flops(arch):
     make, mlp_names, _, rows = ARCHS[arch]
@@ -139,7 +170,8 @@ def test_report_matches_models_flops(arch):
 
 
 def test_vitae_switch_equals_the_converter():
-    """ViTAE's mlp= switch builds what convert() makes of the dense model: same keys, shapes, classes, counts."""
+    """ViTAE's mlp= switch builds what convert() makes of the dense model: same keys, shapes, classes, counts and
+    report (tests/test_vitae.py checks that its initialisation is the pre-converter one, bit for bit)."""
     for kind, attn, kw in (('monarch', None, {}), ('monarch', 'monarch', {}), ('butterfly', None, {}),
                            ('pixelfly', None, {'pixelfly_lowrank': 4})):
         built = vitae.vitae_basic_tiny(mlp=kind, monarch_attn=attn is not None, impl='ref', **kw)
@@ -150,6 +182,10 @@ def test_vitae_switch_equals_the_converter():
         assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
         assert [type(m) for m in built.modules()] == [type(m) for m in conv.modules()]
         assert count_params(built) == count_params(conv)
+        # the switch's report is the converter's report of the dense model (per token: no example input)
+        assert built.structured_report == report
+        assert report['params_before'] == 4_882_792  # the official dense count
+    assert vitae.vitae_basic_tiny(mlp='dense').structured_report is None
     # the counts recorded in tests/test_vitae.py (1000 classes) and BENCHMARKS.md (10 classes)
     conv = vitae.vitae_basic_tiny(mlp='dense', impl='ref')
     assert structured.convert(conv, 'monarch', impl='ref')['params_after'] == 3_735_912
@@ -176,8 +212,26 @@ def test_pixelfly_projection():
     torch.testing.assert_close(lr.to_dense()[keep], w[keep], rtol=0, atol=1e-5)
     blocks_only = (w * ~keep).norm()
     assert (lr.to_dense() - w).norm() < 0.9 * blocks_only
-    with pytest.raises(ValueError, match='Butterfly layer has no projection'):
-        structured.project_entries(Butterfly(64, 128), w, None)
+
+
+def test_butterfly_projection_entries():
+    """project_entries follows the layer's own options (direction, blocks, complex) and gives its dtype."""
+    torch.manual_seed(10)
+    src = Butterfly(24, 50, increasing_stride=False, impl='ref')
+    w = src.to_dense().detach()
+    for layer in (Butterfly(24, 50, increasing_stride=False, impl='ref'),
+                  Butterfly(24, 50, nblocks=2, impl='ref'),  # block 1 is the decreasing one
+                  Butterfly(24, 50, increasing_stride=False, complex=True, impl='ref')):
+        entries = structured.project_entries(layer, w, src.bias)
+        assert {k: (v.shape, v.dtype) for k, v in entries.items()} == {
+            k: (v.shape, v.dtype) for k, v in layer.named_parameters()}
+        with torch.no_grad():
+            for k, v in entries.items():
+                getattr(layer, k).copy_(v)
+            x = torch.randn(3, 24)
+            assert (layer(x) - src(x)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r'needs \(50, 24\)'):
+        structured.project_entries(Butterfly(24, 50), w.T, None)
 
 
 def test_load_projected_fits_or_names_the_keys():
