@@ -20,6 +20,15 @@ API (other scripts code against this):
   num_workers=0, drop_last=False, pin_memory=False, exact=None)`` -> DataLoader; see its docstring.
 - ``set_epoch(loader, epoch)``: call once per epoch before iterating (sampler shuffle + augmentation stream).
 - ImageNet ReaL: ``load_real_labels(path)``, ``real_labels_for(dataset, real)``, ``real_correct(pred, index, real)``.
+- ``folder_classes(data_dir)`` -> the class names of a 'folder' dataset (its label order), read from the folder
+  names alone, so a script knows ``num_classes`` before it builds a model.
+- Superclasses: ``load_superclasses(mapping)`` -> ``{superclass: [class name, ...]}`` from a shipped CSV
+  (``SUPERCLASS_MAPPINGS``: 'imagenet' = SeaM's 67 WordNet superclasses, 'restricted_imagenet' = MadryLab's 9; see
+  ``data/superclasses/README.md``) or a user CSV path; ``superclass_classes(name, class_names, mapping,
+  allow_partial=False)`` -> sorted class indices of a dataset whose class list is ``class_names`` (e.g. its
+  ``.classes``, ImageFolder's wnid folder names); ``imagenet_class_index()`` -> ``{wnid: ImageNet-1k index}``.
+- Disjointness (defect inheritance needs source and target images disjoint): ``image_digests(data)``,
+  ``find_overlap(a, b)``, ``check_disjoint(a, b, names=('source', 'target'), strict=True)``; see their docstrings.
 
 Datasets:
 
@@ -28,15 +37,30 @@ Datasets:
   round(20%) test, round(10%) val, rest train: with seed 0 the sizes are train 1,259 / val 179 / test 359.
   ``augment=True``: small random affine (+-10 deg, scale 0.9..1.1, shift +-1/16 of the side); no flips (digits
   are not mirror-symmetric).
+  ``part='source'|'target'`` (digits only) splits the images first into two disjoint halves by a seeded stratified
+  split (per class round(50%) target, the rest source), then each half into its own train/val/test as above: the
+  source half trains a base model, the target half is the fine-tuning data of a defect-inheritance experiment.
+  With seed 0: source 630 / 90 / 179, target 629 / 90 / 179 (train / val / test; ``dataset_info('digits')
+  ['part_splits']``). ``part=None`` (default) is the split above, unchanged.
 - ``cifar10`` / ``cifar100``: torchvision's folder format under ``data_dir`` (``cifar-10-batches-py/`` or
   ``cifar-100-python/``). 'train' = official train minus a fixed seeded stratified 5,000-image hold-out = 'val';
   'test' = official test. ``augment=True``: random crop with 4-pixel padding + horizontal flip.
 - ``imagenet``: ImageFolder ``data_dir/train/<wnid>/*.JPEG`` and ``data_dir/val/<wnid>/*.JPEG``; 'val' and 'test'
   are both the official (labelled) validation set. Eval: resize to img_size/0.875 + center crop; train with
   ``augment=True``: RandomResizedCrop + horizontal flip.
+- ``folder``: any torchvision ImageFolder tree under ``data_dir``, with imagenet's transforms and statistics.
+  Either ``data_dir/train/<class>/*`` + ``data_dir/val/<class>/*`` (+ ``data_dir/test/<class>/*`` if present, else
+  'test' = 'val'; the splits must hold the same class folders), or one ``data_dir/<class>/*`` tree split here like
+  digits (seeded, per class round(20%) test, round(10%) val, the rest train; a class of fewer than 6 images has
+  none in val, of fewer than 3 none in test). 'train', 'val' and 'test' are reserved: a tree with val/ or test/
+  but no train/ is refused. Labels are positions in the sorted class-folder names (``folder_classes``); the
+  dataset has ``.classes``, ``.paths`` (file of each item) and ``.filenames``. ``dataset_info('folder')`` has
+  ``num_classes``/``classes`` None (they depend on the folder). Not in ``NAMES`` (the scripts' fixed-class choices).
 - ``synthetic``: deterministic random images (class prototype + noise, learnable) for smoke tests;
   ``num_classes`` (default 10) and ``length`` (default train 1,000 / val 200 / test 200) are configurable.
 """
+import csv
+import hashlib
 import json
 import math
 import os
@@ -48,11 +72,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 __all__ = ['DataError', 'build_dataset', 'task_indices', 'TaskSubset', 'CIFAR100_COARSE', 'dataset_info',
            'build_loader', 'set_epoch', 'ExactDistributedSampler', 'load_real_labels', 'real_labels_for',
-           'real_correct', 'NAMES', 'SPLITS']
+           'real_correct', 'folder_classes', 'load_superclasses', 'superclass_classes', 'imagenet_class_index',
+           'image_digests', 'find_overlap', 'check_disjoint', 'NAMES', 'SPLITS', 'PARTS', 'SUPERCLASS_MAPPINGS']
 
-NAMES = ('digits', 'cifar10', 'cifar100', 'imagenet', 'synthetic')
+NAMES = ('digits', 'cifar10', 'cifar100', 'imagenet', 'synthetic')  # fixed class count: the scripts' --dataset choices
+_ALL_NAMES = NAMES + ('folder',)
 SPLITS = ('train', 'val', 'test')
-_DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits.npz')
+PARTS = ('source', 'target')
+SUPERCLASS_MAPPINGS = ('imagenet', 'restricted_imagenet')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DIGITS_FILE = os.path.join(_HERE, 'digits.npz')
+_SUPERCLASS_DIR = os.path.join(_HERE, 'superclasses')
+_FOLDER_LAYOUT = ('DATA_DIR/train/<class>/*.jpg and DATA_DIR/val/<class>/*.jpg (optional DATA_DIR/test/<class>/; '
+                  'without it test = val), or one DATA_DIR/<class>/*.jpg tree (split here: per class 20% test, '
+                  '10% val)')
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 _CIFAR_FOLDERS = {'cifar10': ('cifar-10-batches-py', 'data_batch_1..5, test_batch, batches.meta'),
@@ -65,11 +98,13 @@ class DataError(ValueError):
 
 
 def dataset_info(name):
-    """Static facts about a dataset (no files are read)."""
+    """Static facts about a dataset (no files are read); for 'folder' the class list comes from ``folder_classes``."""
     if name == 'digits':
         return dict(num_classes=10, classes=[str(i) for i in range(10)], img_size=32,
                     mean=(0.3053,) * 3, std=(0.3760,) * 3,  # pixel statistics of all 1,797 images after /16
-                    splits={'train': 1259, 'val': 179, 'test': 359}, layout='embedded data/digits.npz')
+                    splits={'train': 1259, 'val': 179, 'test': 359}, layout='embedded data/digits.npz',
+                    part_splits={'source': {'train': 630, 'val': 90, 'test': 179},  # build_dataset(part=...), seed 0
+                                 'target': {'train': 629, 'val': 90, 'test': 179}})
     if name in _CIFAR_FOLDERS:
         folder, files = _CIFAR_FOLDERS[name]
         n = 10 if name == 'cifar10' else 100
@@ -81,10 +116,13 @@ def dataset_info(name):
     if name == 'imagenet':
         return dict(num_classes=1000, classes=None, img_size=224, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
                     splits=None, layout='DATA_DIR/train/<class>/*.JPEG and DATA_DIR/val/<class>/*.JPEG (ImageFolder)')
+    if name == 'folder':  # classes: folder_classes(data_dir)
+        return dict(num_classes=None, classes=None, img_size=224, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                    splits=None, layout=_FOLDER_LAYOUT)
     if name == 'synthetic':
         return dict(num_classes=10, classes=None, img_size=32, mean=(0.0,) * 3, std=(1.0,) * 3,
                     splits=dict(_SYNTHETIC_LENGTH), layout='generated in memory')
-    raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(NAMES)}")
+    raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(_ALL_NAMES)}")
 
 
 def _sample_seed(seed, epoch, index):
@@ -148,14 +186,28 @@ class DigitsDataset(_Base):
         return self._out(x, self.targets[i], i)
 
 
-def _digits(split, img_size, augment, seed):
+def _load_digits():
     try:
         with np.load(_DIGITS_FILE) as f:
-            images, labels = f['images'], f['labels']
+            return f['images'], f['labels']
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"cannot read the embedded digits file {_DIGITS_FILE} ({e}); it should hold 'images' "
                         "(1797, 8, 8) uint8 and 'labels' (1797,) uint8 - restore it from git") from None
-    idx = _stratified_split(labels, {'test': 0.2, 'val': 0.1}, seed)[split]
+
+
+def _digits_indices(labels, split, seed, part):
+    """Positions in digits.npz of ``split`` (of the whole set, or of its source/target half)."""
+    fractions = {'test': 0.2, 'val': 0.1}
+    if part is None:  # the original split: every run so far depends on it bit for bit
+        return _stratified_split(labels, fractions, seed)[split]
+    halves = _stratified_split(labels, {'target': 0.5}, seed)  # 'train' holds the rest: the source half
+    half = halves['target' if part == 'target' else 'train']
+    return half[_stratified_split(labels[half], fractions, seed)[split]]
+
+
+def _digits(split, img_size, augment, seed, part=None):
+    images, labels = _load_digits()
+    idx = _digits_indices(labels, split, seed, part)
     x = torch.from_numpy(images[idx].astype(np.float32) / 16.0)[:, None]
     if img_size != 8:
         x = F.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
@@ -234,7 +286,6 @@ def _cifar(name, split, data_dir, img_size, augment, seed):
 
 def _imagenet(split, data_dir, img_size, augment, seed):
     import torchvision
-    from torchvision import transforms as T
     info = dataset_info('imagenet')
     layout = info['layout'] if data_dir is None else info['layout'].replace('DATA_DIR', data_dir.rstrip('/'))
     sub = 'train' if split == 'train' else 'val'
@@ -245,19 +296,112 @@ def _imagenet(split, data_dir, img_size, augment, seed):
     except (FileNotFoundError, OSError, RuntimeError) as e:
         raise DataError(f"imagenet folder {os.path.join(data_dir, sub)!r} is malformed "
                         f"({str(e).splitlines()[0][:80]}); expected {layout}") from None
-    if augment and split == 'train':
-        tf = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()]
-    else:
-        tf = [T.Resize(int(math.floor(img_size / 0.875)), antialias=True), T.CenterCrop(img_size)]
-    tf += [T.ToTensor(), T.Normalize(info['mean'], info['std'])]
-    ds = TransformDataset(base, range(len(base.samples)), T.Compose(tf), augment and split == 'train', seed)
+    train_aug = augment and split == 'train'
+    ds = TransformDataset(base, range(len(base.samples)), _imagefolder_transform(img_size, train_aug), train_aug, seed)
     ds.filenames = [os.path.basename(p) for p, _ in base.samples]  # dataset order (by class, then by name)
     ds.classes = base.classes
     return ds
 
 
+def _imagefolder_transform(img_size, train_aug):
+    """imagenet's and folder's transform: RandomResizedCrop + flip for training, else resize to img_size/0.875 and
+    centre-crop; then ImageNet normalisation."""
+    from torchvision import transforms as T
+    if train_aug:
+        tf = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()]
+    else:
+        tf = [T.Resize(int(math.floor(img_size / 0.875)), antialias=True), T.CenterCrop(img_size)]
+    return T.Compose(tf + [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+
+
+# ---------------------------------------------------------------- 'folder': any ImageFolder tree
+
+def _folder_roots(data_dir):
+    """(split -> folder, layout message, whether the splits are drawn here from one DATA_DIR/<class>/ tree)."""
+    if data_dir is None:
+        raise DataError(f"folder needs a data folder (--data-dir DIR) laid out as {_FOLDER_LAYOUT}")
+    layout = _FOLDER_LAYOUT.replace('DATA_DIR', str(data_dir).rstrip('/') or '/')
+    if not os.path.isdir(data_dir):
+        raise DataError(f"image folder {str(data_dir)!r} does not exist or is not a directory; expected {layout}")
+    has = {s: os.path.isdir(os.path.join(data_dir, s)) for s in SPLITS}
+    if has['train']:
+        if not has['val']:
+            raise DataError(f"image folder {str(data_dir)!r} has train/ but no val/; expected {layout}")
+        return {s: os.path.join(data_dir, s if has[s] else 'val') for s in SPLITS}, layout, False
+    if has['val'] or has['test']:  # e.g. a lone ImageNet val/: its class folders would be read as one class
+        found = '/ and '.join(s for s in ('val', 'test') if has[s])
+        raise DataError(f"image folder {str(data_dir)!r} has {found}/ but no train/; expected {layout}")
+    return dict.fromkeys(SPLITS, str(data_dir)), layout, True
+
+
+def _class_folders(root, layout):
+    # the class list torchvision's ImageFolder uses (find_classes): sorted names of the sub-directories
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not names:
+        raise DataError(f"no class folders in {root!r} (images must sit in one folder per class); expected {layout}")
+    return names
+
+
+def _name_some(names, k=3):
+    return ', '.join(list(names)[:k]) + (f', ... ({len(names)} in all)' if len(names) > k else '')
+
+
+def folder_classes(data_dir):
+    """Class names of the 'folder' dataset under ``data_dir`` (sorted class-folder names; label i = name i), read
+    from the folder names only (no image is opened). train/, val/ and test/ must hold the same class folders.
+    Raises DataError naming the expected layout."""
+    roots, layout, _ = _folder_roots(data_dir)
+    listed = {s: _class_folders(roots[s], layout) for s in SPLITS}
+    for split in ('val', 'test'):
+        if listed[split] != listed['train']:
+            train, other = set(listed['train']), set(listed[split])
+            raise DataError(f"{roots['train']!r} and {roots[split]!r} hold different class folders (only in train/: "
+                            f"{_name_some(sorted(train - other)) or 'none'}; only in {split}/: "
+                            f"{_name_some(sorted(other - train)) or 'none'}); every split needs the same classes")
+    return listed['train']
+
+
+def _scan_folder(root, layout):
+    """torchvision ImageFolder of ``root`` (no transform); every class folder must hold at least one image."""
+    import torchvision
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    try:
+        base = torchvision.datasets.ImageFolder(root, allow_empty=True)  # empty classes: our own message below
+    except (FileNotFoundError, OSError, RuntimeError) as e:
+        raise DataError(f"image folder {root!r} is malformed ({str(e).splitlines()[0][:80]}); expected {layout}") \
+            from None
+    counts = np.bincount(np.asarray(base.targets, dtype=np.int64), minlength=len(base.classes))
+    empty = [c for c, n in zip(base.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"{len(empty)} class folder(s) in {root!r} hold no image ({_name_some(empty)}); image files "
+                        f"end in {', '.join(IMG_EXTENSIONS)}")
+    return base
+
+
+def _folder(split, data_dir, img_size, augment, seed):
+    classes = folder_classes(data_dir)  # layout and identical class lists across the splits
+    roots, layout, drawn = _folder_roots(data_dir)
+    base = _scan_folder(roots[split], layout)
+    if drawn:
+        parts = _stratified_split(base.targets, {'test': 0.2, 'val': 0.1}, seed)
+        empty = [s for s in SPLITS if len(parts[s]) == 0]
+        if empty:
+            raise DataError(f"{str(data_dir)!r}: {len(base.samples)} images in {len(classes)} classes leave the "
+                            f"{empty[0]} split empty (per class round(20%) go to test, round(10%) to val); add "
+                            "images or give DATA_DIR/train/ and DATA_DIR/val/")
+        indices = parts[split]
+    else:
+        indices = range(len(base.samples))
+    train_aug = augment and split == 'train'
+    ds = TransformDataset(base, indices, _imagefolder_transform(img_size, train_aug), train_aug, seed)
+    ds.classes = list(classes)
+    ds.paths = [base.samples[j][0] for j in ds.indices]  # the file of each item, in item order
+    ds.filenames = [os.path.basename(p) for p in ds.paths]
+    return ds
+
+
 def build_dataset(name, split, data_dir=None, img_size=32, augment=False, seed=0, *, num_classes=None,
-                  length=None, return_index=False):
+                  length=None, return_index=False, part=None):
     """Build a dataset by name; see the module docstring."""
     dataset_info(name)  # validates the name
     if split not in SPLITS:
@@ -265,15 +409,21 @@ def build_dataset(name, split, data_dir=None, img_size=32, augment=False, seed=0
     if not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"img_size must be a positive int, got {img_size!r}")
     if num_classes is not None and name != 'synthetic':
-        raise DataError(f"num_classes can only be set for 'synthetic'; {name} has {dataset_info(name)['num_classes']}")
+        has = 'takes its classes from the folder' if name == 'folder' else f"has {dataset_info(name)['num_classes']}"
+        raise DataError(f"num_classes can only be set for 'synthetic'; {name} {has}")
     if length is not None and name != 'synthetic':
         raise DataError(f"length can only be set for 'synthetic', not for {name}")
+    if part is not None and (name != 'digits' or part not in PARTS):
+        raise DataError(f"part={part!r}: only digits has parts ({', '.join(PARTS)}); for image folders keep source "
+                        "and target images in two folders and check them with data.check_disjoint")
     if name == 'digits':
-        ds = _digits(split, img_size, augment, seed)
+        ds = _digits(split, img_size, augment, seed, part)
     elif name in _CIFAR_FOLDERS:
         ds = _cifar(name, split, data_dir, img_size, augment, seed)
     elif name == 'imagenet':
         ds = _imagenet(split, data_dir, img_size, augment, seed)
+    elif name == 'folder':
+        ds = _folder(split, data_dir, img_size, augment, seed)
     else:
         n_cls = 10 if num_classes is None else int(num_classes)
         n = _SYNTHETIC_LENGTH[split] if length is None else int(length)
@@ -425,3 +575,170 @@ def real_correct(pred, index, aligned):
             counted += 1
             correct += int(p in labels)
     return correct, counted
+
+
+# ---------------------------------------------------------------- named superclasses (SeaM multi-class tasks)
+
+def _csv_rows(path):
+    """(header, [(line number, fields)]) of a CSV whose '#' lines are comments; DataError if unreadable."""
+    try:
+        with open(path, newline='') as f:
+            lines = [(k, line) for k, line in enumerate(f, start=1)
+                     if line.strip() and not line.lstrip().startswith('#')]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read superclass file {str(path)!r} ({e}); pass one of "
+                        f"{', '.join(SUPERCLASS_MAPPINGS)} or a CSV with the columns superclass,wnid") from None
+    rows = [(k, [c.strip() for c in next(csv.reader([line]))]) for k, line in lines]
+    if not rows:
+        raise DataError(f"superclass file {str(path)!r} has no header row: expected columns superclass,wnid")
+    return rows[0][1], rows[1:]
+
+
+def _mapping_path(mapping):
+    return os.path.join(_SUPERCLASS_DIR, f'{mapping}.csv') if mapping in SUPERCLASS_MAPPINGS else mapping
+
+
+def load_superclasses(mapping='imagenet'):
+    """Superclasses from a CSV: a shipped name in ``SUPERCLASS_MAPPINGS`` or the path of a user file with (at
+    least) the columns ``superclass`` and ``wnid`` (the class folder name; other columns are ignored, '#' lines
+    are comments). Returns ``{superclass: [class name, ...]}`` in file order; for 'imagenet' position k of the dict
+    is SeaM's ``--target_superclass_idx k``. A class may be in several superclasses, but only once in each.
+    Raises DataError for a missing or malformed file."""
+    path = _mapping_path(mapping)
+    header, rows = _csv_rows(path)
+    if 'superclass' not in header or 'wnid' not in header:
+        raise DataError(f"superclass file {str(path)!r}: the header {','.join(header)!r} lacks superclass and/or wnid "
+                        "(expected e.g. superclass,wnid,index,name)")
+    i_sc, i_cls = header.index('superclass'), header.index('wnid')
+    groups = {}
+    for line, fields in rows:
+        sc = fields[i_sc] if i_sc < len(fields) else ''
+        cls = fields[i_cls] if i_cls < len(fields) else ''
+        if not sc or not cls:
+            raise DataError(f"superclass file {str(path)!r} line {line}: empty superclass or wnid field")
+        members = groups.setdefault(sc, [])
+        if cls in members:
+            raise DataError(f"superclass file {str(path)!r} line {line}: {cls} listed twice in superclass {sc!r}")
+        members.append(cls)
+    if not groups:
+        raise DataError(f"superclass file {str(path)!r} holds a header but no rows")
+    return groups
+
+
+def superclass_classes(name, class_names, mapping='imagenet', allow_partial=False):
+    """Sorted class indices, in a dataset whose class list is ``class_names`` (e.g. ``ds.classes``: ImageFolder's
+    wnid folder names), of the superclass ``name`` (a str, or an int = position in the mapping: SeaM's index).
+    ``mapping``: a dict from ``load_superclasses`` or what it takes. Every class of the superclass must be in
+    ``class_names`` (DataError naming the missing ones), unless ``allow_partial=True``, which keeps the present ones
+    (at least one). An unknown name is a DataError listing the known ones."""
+    groups = mapping if isinstance(mapping, dict) else load_superclasses(mapping)
+    names = list(groups)
+    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+        if not 0 <= name < len(names):
+            raise DataError(f"superclass index {name} out of range: this mapping has {len(names)} superclasses "
+                            f"(0..{len(names) - 1})")
+        name = names[name]
+    if name not in groups:
+        raise DataError(f"unknown superclass {name!r}; known: {', '.join(names)}")
+    position = {c: i for i, c in enumerate(class_names)}
+    if len(position) != len(class_names):
+        raise ValueError('class_names holds duplicates; pass the class list of one dataset (e.g. ds.classes)')
+    members = groups[name]
+    missing = [c for c in members if c not in position]
+    present = sorted(position[c] for c in members if c in position)
+    if not present:
+        raise DataError(f"superclass {name!r}: none of its {len(members)} classes ({_name_some(members)}) is in "
+                        f"this dataset's {len(position)} classes")
+    if missing and not allow_partial:
+        raise DataError(f"superclass {name!r}: {len(missing)} of its {len(members)} classes are not in this dataset "
+                        f"({_name_some(missing)}); give a folder holding all of them, or allow_partial=True to use "
+                        f"the {len(present)} present")
+    return present
+
+
+def imagenet_class_index():
+    """``{wnid: ImageNet-1k class index}`` for the 1,000 classes (from the shipped imagenet.csv): the label a
+    1000-class pretrained model uses for a class, also when a folder holds only some of the classes."""
+    header, rows = _csv_rows(_mapping_path('imagenet'))
+    i_cls, i_idx = header.index('wnid'), header.index('index')
+    return {fields[i_cls]: int(fields[i_idx]) for _, fields in rows}
+
+
+# ---------------------------------------------------------------- disjoint source and target images
+
+def _file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _array_sha1(a):
+    a = np.ascontiguousarray(a)  # dtype and shape are hashed too: equal bytes of different arrays differ
+    return hashlib.sha1(f'{a.dtype.str}{a.shape}'.encode() + a.tobytes()).hexdigest()
+
+
+def _folder_images(root):
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    if not os.path.isdir(root):
+        raise DataError(f"{str(root)!r} is not a directory of images")
+    found = [os.path.join(d, n) for d, subdirs, files in sorted(os.walk(root)) for n in sorted(files)
+             if n.lower().endswith(IMG_EXTENSIONS)]
+    if not found:
+        raise DataError(f"no image files under {str(root)!r} (image files end in {', '.join(IMG_EXTENSIONS)})")
+    return found
+
+
+def _image_sources(data):
+    """Per image of ``data``: ('file', path) or (description, raw array)."""
+    if isinstance(data, (list, tuple)):
+        return [src for d in data for src in _image_sources(d)]
+    if isinstance(data, (str, os.PathLike)):
+        return [('file', p) for p in _folder_images(data)]
+    if isinstance(data, TaskSubset):
+        inner = _image_sources(data.base)  # cheap: paths or views, nothing is read yet
+        return [inner[i] for i in data.indices]
+    if isinstance(data, DigitsDataset):
+        images = _load_digits()[0]
+        return [(f'digits.npz image {j}', images[j]) for j in data.indices]  # the raw 8x8 pixels, any img_size
+    if isinstance(data, TransformDataset):
+        if hasattr(data.base, 'samples'):  # ImageFolder (imagenet, folder)
+            return [('file', data.base.samples[j][0]) for j in data.indices]
+        if isinstance(getattr(data.base, 'data', None), np.ndarray):  # torchvision CIFAR: raw uint8 images
+            return [(f'{type(data.base).__name__} image {j}', data.base.data[j]) for j in data.indices]
+    raise ValueError(f"cannot digest the images of a {type(data).__name__}: pass a dataset of data.build_dataset "
+                     "(digits, cifar10/100, imagenet, folder), a TaskSubset of one, an image folder path, or a list")
+
+
+def image_digests(data):
+    """``[(sha1 hex digest, description), ...]``, one per image of ``data`` in item order: the sha1 of the file's
+    bytes for folder datasets (imagenet, folder, a folder path: every image file under it), of the raw pixel array
+    for in-memory ones (digits: the 8x8 uint8 image in digits.npz, so the digest does not depend on img_size;
+    CIFAR: the 32x32x3 uint8 image). ``data`` may be a list of those. Reads every file once."""
+    return [(_file_sha1(what) if kind == 'file' else _array_sha1(what), what if kind == 'file' else kind)
+            for kind, what in _image_sources(data)]
+
+
+def find_overlap(a, b):
+    """``[(image of a, image of b), ...]`` (descriptions: file paths, 'digits.npz image j') for every image of ``b``
+    whose content digest equals one of ``a``'s; [] when they share no image. Images are compared by content, so a
+    copy under another name or in another folder counts; images of the same kind are compared (file bytes with
+    file bytes, raw arrays with raw arrays)."""
+    seen = {}
+    for digest, what in image_digests(a):
+        seen.setdefault(digest, what)
+    return [(seen[digest], what) for digest, what in image_digests(b) if digest in seen]
+
+
+def check_disjoint(a, b, names=('source', 'target'), strict=True):
+    """Defect inheritance needs the target (fine-tuning) images disjoint from the source (pretraining) ones:
+    returns the number of images of ``b`` also in ``a`` (see ``find_overlap``); with ``strict`` (default) a shared
+    image is a DataError naming the count and the first three pairs. ``a``/``b``: datasets, folder paths or lists of
+    them (e.g. the three splits of each side)."""
+    pairs = find_overlap(a, b)
+    if pairs and strict:
+        shown = '; '.join(f'{x} = {y}' for x, y in pairs[:3])
+        raise DataError(f"{len(pairs)} {names[1]} image(s) are also {names[0]} images (same content): {shown}"
+                        f"{'; ...' if len(pairs) > 3 else ''}; remove them from one side")
+    return len(pairs)
