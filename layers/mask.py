@@ -12,13 +12,13 @@ Usage::
     layer.load_state_dict(plain_conv.state_dict())
     layer.enable_masks()                        # adds weight_mask / bias_mask (all 1), freezes weight / bias
     loss = task_loss + alpha * weight_ratio(model)
-    plain_model = bake_masks(model)             # deep copy with nn.Conv2d / nn.Linear, masks multiplied in
+    plain_model = bake_masks(model)             # deep copy of torch layers only, masks multiplied in
 
-    convert_to_masks(cnn, example=torch.zeros(1, 3, 224, 224))   # any CNN (torchvision, timm), in place: Conv2d /
-                                                # Linear become MaskConv / MaskLinear, and every BatchNorm2d fed by a
-                                                # conv's output (found by hooks on one forward) applies its channel gate
-    pairs = find_conv_bn_pairs(cnn, example)    # [(conv name, bn name)] found by that forward
-    gate_batchnorm(net.layer1[0].conv1, net.layer1[0].bn1)   # or pair one by hand
+    # any CNN (torchvision, timm), in place: Conv2d / Linear become MaskConv / MaskLinear, and every BatchNorm2d
+    # whose input is a conv's output (found by hooks on one forward of the example) applies that conv's channel gate
+    convert_to_masks(cnn, example=torch.zeros(1, 3, 224, 224))
+    pairs = find_conv_bn_pairs(cnn, torch.zeros(1, 3, 224, 224))   # [(conv name, bn name)] that forward finds
+    gate_batchnorm(net.layer1[0].conv1, net.layer1[0].bn1)          # or pair one by hand
 
 Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry), ``'channel'`` (one score per output
 filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically),
