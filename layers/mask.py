@@ -268,6 +268,10 @@ def find_conv_bn_pairs(model, example):
     ``nn.BatchNorm2d`` (or ``GatedBatchNorm2d``) counts, not subclasses with their own forward (e.g. a BN fused with
     an activation, after which a zero channel need not stay zero). A BatchNorm that runs more than once is a pair
     only when every call is fed by the same conv. Returns names as ``model.named_modules()`` gives them."""
+    inputs = example if isinstance(example, (tuple, list)) else (example,)
+    if not inputs or not all(torch.is_tensor(t) for t in inputs):
+        raise ValueError("find_conv_bn_pairs: example must be an input tensor (N, C, H, W) or a tuple of input "
+                         f"tensors, got {type(example).__name__}")
     convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     bns = {m: n for n, m in model.named_modules() if type(m) in (nn.BatchNorm2d, GatedBatchNorm2d)}
     outputs = {}   # id(output) -> (output, its version, conv name); the tensor is kept so its id is not reused
@@ -286,10 +290,6 @@ def find_conv_bn_pairs(model, example):
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_pre_hook(bn_hook) for m in bns]
     modes = [(m, m.training) for m in model.modules()]
-    inputs = example if isinstance(example, (tuple, list)) else (example,)
-    if not inputs or not all(torch.is_tensor(t) for t in inputs):
-        raise ValueError("find_conv_bn_pairs: example must be an input tensor (N, C, H, W) or a tuple of input "
-                         f"tensors, got {type(example).__name__}")
     try:
         model.eval()
         with torch.no_grad():

@@ -271,6 +271,7 @@ def test_find_conv_bn_pairs_hand_listed_cases_and_restores_modes():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # hooks removed
     with pytest.raises(ValueError, match='example must be'):
         find_conv_bn_pairs(net, [1.0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
 
 def _bn_random(bn, gen):
