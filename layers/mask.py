@@ -12,10 +12,13 @@ Usage::
     layer.load_state_dict(plain_conv.state_dict())
     layer.enable_masks()                        # adds weight_mask / bias_mask (all 1), freezes weight / bias
     loss = task_loss + alpha * weight_ratio(model)
-    plain_model = bake_masks(model)             # deep copy with nn.Conv2d / nn.Linear, masks multiplied in
+    plain_model = bake_masks(model)             # deep copy of torch layers only, masks multiplied in
 
-    convert_to_masks(torchvision_resnet)        # any CNN, in place: its Conv2d / Linear become MaskConv / MaskLinear
-    gate_batchnorm(net.layer1[0].conv1, net.layer1[0].bn1)   # channel gates act after the BN that follows a conv
+    # any CNN (torchvision, timm), in place: Conv2d / Linear become MaskConv / MaskLinear, and every BatchNorm2d
+    # whose input is a conv's output (found by hooks on one forward of the example) applies that conv's channel gate
+    convert_to_masks(cnn, example=torch.zeros(1, 3, 224, 224))
+    pairs = find_conv_bn_pairs(cnn, torch.zeros(1, 3, 224, 224))   # [(conv name, bn name)] that forward finds
+    gate_batchnorm(net.layer1[0].conv1, net.layer1[0].bn1)          # or pair one by hand
 
 Granularity: ``'weight'`` (SeaM, one score per weight and per bias entry), ``'channel'`` (one score per output
 filter / neuron, shared by its whole weight row and its bias entry: structured masks that can be removed physically),
@@ -28,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['MaskLinear', 'MaskConv', 'GatedBatchNorm2d', 'binarize', 'weight_ratio', 'kept_counts', 'bake_masks',
-           'enable_model_masks', 'masked_layers', 'convert_to_masks', 'gate_batchnorm']
+           'enable_model_masks', 'masked_layers', 'convert_to_masks', 'gate_batchnorm', 'gate_batchnorms',
+           'find_conv_bn_pairs']
 
 GRANULARITIES = ('weight', 'channel', 'weight+channel')
 STES = ('seam', 'hardtanh')
@@ -245,12 +249,70 @@ def gate_batchnorm(conv, bn):
     return bn
 
 
-def convert_to_masks(model, skip=()):
+def gate_batchnorms(model, pairs):
+    """``gate_batchnorm`` for every (conv name, bn name) in ``pairs`` (e.g. from ``find_conv_bn_pairs``); in place,
+    returns the model."""
+    for conv, bn in pairs:
+        gate_batchnorm(model.get_submodule(conv), model.get_submodule(bn))
+    return model
+
+
+def find_conv_bn_pairs(model, example):
+    """[(conv name, bn name)] of every BatchNorm2d of ``model`` whose input is exactly the output of a Conv2d, in the
+    order the BatchNorms first run, found by forward hooks on one pass of ``example`` (a tensor (N, C, H, W) or a
+    tuple of positional inputs; zeros are enough).
+
+    The pass runs under no_grad with every module in eval mode (BatchNorm statistics do not move; each module's
+    train/eval flag is restored afterwards). "Exactly" means the same tensor object, not modified in place in
+    between (its version counter is unchanged), so ``conv -> ReLU(inplace) -> bn`` is not a pair. Only plain
+    ``nn.BatchNorm2d`` (or ``GatedBatchNorm2d``) counts, not subclasses with their own forward (e.g. a BN fused with
+    an activation, after which a zero channel need not stay zero). A BatchNorm that runs more than once is a pair
+    only when every call is fed by the same conv. Returns names as ``model.named_modules()`` gives them."""
+    inputs = example if isinstance(example, (tuple, list)) else (example,)
+    if not inputs or not all(torch.is_tensor(t) for t in inputs):
+        raise ValueError("find_conv_bn_pairs: example must be an input tensor (N, C, H, W) or a tuple of input "
+                         f"tensors, got {type(example).__name__}")
+    convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    bns = {m: n for n, m in model.named_modules() if type(m) in (nn.BatchNorm2d, GatedBatchNorm2d)}
+    outputs = {}   # id(output) -> (output, its version, conv name); the tensor is kept so its id is not reused
+    sources = {}   # bn name -> set of conv names (None: fed by something else), in first-call order
+
+    def conv_hook(m, inp, out):
+        if torch.is_tensor(out):
+            outputs[id(out)] = (out, out._version, convs[m])
+
+    def bn_hook(m, inp):
+        x = inp[0] if inp else None
+        hit = outputs.get(id(x)) if torch.is_tensor(x) else None
+        src = hit[2] if hit is not None and hit[0] is x and hit[1] == x._version else None
+        sources.setdefault(bns[m], set()).add(src)
+
+    handles = [m.register_forward_hook(conv_hook) for m in convs]
+    handles += [m.register_forward_pre_hook(bn_hook) for m in bns]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return [(next(iter(src)), bn) for bn, src in sources.items() if len(src) == 1 and None not in src]
+
+
+def convert_to_masks(model, skip=(), example=None):
     """In place: every plain ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (except the module names in ``skip``) becomes
     a MaskConv / MaskLinear with masks off. The class is swapped on the existing module, so the parameters are the
     same tensors, the state-dict keys do not change (weights of the original architecture load strictly) and no
     random numbers are drawn. Subclasses with their own forward (e.g. weight-standardised convs) are left alone.
-    Returns the model."""
+
+    example: an input for one forward pass (a tensor (N, C, H, W), or a tuple of positional inputs). With it, every
+    BatchNorm2d fed directly by a converted conv (``find_conv_bn_pairs``) becomes a GatedBatchNorm2d applying that
+    conv's channel gate, so 'channel' / 'weight+channel' masks give exactly-zero channels after the BN. The state
+    dict is still unchanged. Without it, BatchNorms are left as they are (fine for 'weight' masks). Returns the
+    model."""
     for name, m in model.named_modules():
         if name in skip:
             continue
@@ -260,6 +322,9 @@ def convert_to_masks(model, skip=()):
         elif type(m) is nn.Linear:
             m.__class__ = MaskLinear
             m._init_mask_state()
+    if example is not None:
+        pairs = find_conv_bn_pairs(model, example)
+        gate_batchnorms(model, [(c, b) for c, b in pairs if isinstance(model.get_submodule(c), MaskConv)])
     return model
 
 
@@ -324,14 +389,42 @@ def _plain_copy(layer):
     return new
 
 
+def _plain_batchnorm(bn):
+    """In place: a GatedBatchNorm2d becomes an nn.BatchNorm2d whose weight and bias are 0 on the channels its conv's
+    gate switches off, so their output is exactly 0 whatever the statistics. Without an affine (affine=False) the
+    running mean of those channels is zeroed instead: their input is an exact 0 (the conv's gate zeroes its row and
+    bias), so (0 - 0) / sqrt(var + eps) = 0 in eval mode, and a constant-0 batch also normalises to 0."""
+    conv = bn._gate_conv[0]
+    scores = conv.gate_scores() if isinstance(conv, MaskConv) else None
+    if scores is not None:
+        off = ~(scores.detach().reshape(-1) > 0)
+        with torch.no_grad():
+            if bn.affine:
+                bn.weight[off] = 0
+                bn.bias[off] = 0
+            elif bn.running_mean is not None:
+                bn.running_mean[off] = 0
+    del bn._gate_conv
+    bn.__class__ = nn.BatchNorm2d
+
+
 def bake_masks(model):
-    """Deep copy of model where every MaskLinear / MaskConv is replaced by a plain nn.Linear / nn.Conv2d whose
-    weight and bias are multiplied by the binarised masks. The input model is left untouched.
+    """Deep copy of model with no mask class left: every MaskLinear / MaskConv becomes a plain nn.Linear / nn.Conv2d
+    whose weight and bias are multiplied by the binarised masks, and every GatedBatchNorm2d a plain nn.BatchNorm2d
+    whose weight and bias are zeroed on the channels its conv's gate switches off. The input model is untouched.
+
+    Outputs equal the masked model's in eval mode, and in train mode too (a gated-off channel enters the BN as an
+    exact 0 and leaves it as 0 * scale + 0). What differs is training the baked copy further: nothing holds the
+    removed weights and the zeroed BN entries at 0 any more (the BN bias of an off channel gets the gradient
+    sum(dL/dy), so the channel would come back as a constant); re-mask or extract instead of fine-tuning it.
 
     A MaskLinear / MaskConv passed directly returns the plain layer."""
     if isinstance(model, _MaskMixin):
         return _plain_copy(model)
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model)  # the copied BNs' _gate_conv point at the copied convs (deepcopy's memo)
+    for module in list(out.modules()):  # BNs first: they read the gates of the mask layers replaced below
+        if isinstance(module, GatedBatchNorm2d):
+            _plain_batchnorm(module)
     for name, module in list(out.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, _MaskMixin):

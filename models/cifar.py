@@ -15,26 +15,25 @@ Every constructor also takes
   stage), the 9 block-internal widths (conv1 of each block), the fc output width.
 
 Channel-level masks (``enable_masks('channel')``): a switched-off filter must give exactly 0 after its BatchNorm
-(otherwise BN turns the zero into a constant and the channel cannot be removed), so the forward passes below
-multiply each conv's BN output by that conv's binary channel gate. At weight granularity the gate is absent.
+(otherwise BN turns the zero into a constant and the channel cannot be removed). The converter does this as for any
+CNN: ``convert_to_masks(..., example=...)`` finds each BatchNorm fed by a conv with hooks on one 32x32 forward and
+makes it a ``GatedBatchNorm2d`` multiplying its output by that conv's binary channel gate (absent at weight
+granularity). The state-dict keys stay chenyaofo's.
 """
 import torch
 import torch.nn as nn
 
-from layers.mask import MaskConv, MaskLinear, binarize, convert_to_masks
+from layers.mask import MaskLinear, convert_to_masks
 
 VGG16_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']
 RESNET20_BLOCKS = 3  # blocks per stage
 RESNET20_STAGE_WIDTHS = (16, 32, 64)
 
 
-def channel_gate(conv, y):
-    """y (N, C, H, W) times conv's binary channel gate when conv has one ('channel' / 'weight+channel' masks),
-    else y unchanged."""
-    scores = conv.gate_scores() if isinstance(conv, MaskConv) else None
-    if scores is not None:
-        return y * binarize(scores, conv.ste).view(1, -1, 1, 1)
-    return y
+def _convert(model):
+    """The converter every CNN takes: mask layers (the module head stays plain), and each BatchNorm found after a
+    conv by one forward of a 32x32 zero image gated by that conv's channel mask."""
+    convert_to_masks(model, skip=('module_head.1',), example=torch.zeros(1, 3, 32, 32))
 
 
 def _check_widths(widths, n, what):
@@ -71,7 +70,7 @@ class VGG(nn.Module):
         )
         if head_classes is not None:
             self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
-        convert_to_masks(self, skip=('module_head.1',))  # the mask layers come from the converter (any CNN's path)
+        _convert(self)
         if init_weights:
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
@@ -85,14 +84,7 @@ class VGG(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        conv = None
-        for m in self.features:
-            if isinstance(m, MaskConv):
-                conv = m
-            x = m(x)
-            if isinstance(m, nn.BatchNorm2d):
-                x = channel_gate(conv, x)
-        x = self.classifier(torch.flatten(x, 1))
+        x = self.classifier(torch.flatten(self.features(x), 1))
         if hasattr(self, 'module_head'):
             x = self.module_head(x)
         return x
@@ -114,12 +106,9 @@ class BasicBlock(nn.Module):
                                             nn.BatchNorm2d(out_planes))
 
     def forward(self, x):
-        out = self.relu(channel_gate(self.conv1, self.bn1(self.conv1(x))))
-        out = channel_gate(self.conv2, self.bn2(self.conv2(out)))
-        if self.downsample is not None:
-            identity = channel_gate(self.downsample[0], self.downsample[1](self.downsample[0](x)))
-        else:
-            identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
@@ -152,7 +141,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(c_in, out)
         if head_classes is not None:
             self.module_head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(out, int(head_classes)))
-        convert_to_masks(self, skip=('module_head.1',))  # the mask layers come from the converter (any CNN's path)
+        _convert(self)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -183,7 +172,7 @@ class CifarResNet(nn.Module):
         return self
 
     def forward(self, x):
-        x = self.relu(channel_gate(self.conv1, self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.fc(torch.flatten(self.avgpool(x), 1))
         if hasattr(self, 'module_head'):

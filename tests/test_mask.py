@@ -1,4 +1,5 @@
-"""layers/mask.py: hand-computed forward / STE gradients, frozen weights, weight_ratio, bake_masks, state dicts."""
+"""layers/mask.py: hand-computed forward / STE gradients, frozen weights, weight_ratio, bake_masks, state dicts,
+conv -> BatchNorm pairing by hooks and BN gating."""
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from layers.mask import MaskConv, MaskLinear, bake_masks, binarize, enable_model_masks, kept_counts, weight_ratio
+from layers.mask import (GatedBatchNorm2d, MaskConv, MaskLinear, bake_masks, binarize, convert_to_masks,
+                         enable_model_masks, find_conv_bn_pairs, gate_batchnorm, gate_batchnorms, kept_counts,
+                         weight_ratio)
 
 
 def _linear_case(ste='seam'):
@@ -223,3 +226,172 @@ def test_file_works_copied_alone(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == '1.0'
+
+
+class _Tricky(nn.Module):
+    """Every case the pairing must get right, one per BatchNorm (the expected pairs are written by hand below)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)            # conv -> bn: a pair
+        self.b, self.bn_b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)                       # conv -> relu_ -> bn: not
+        self.c, self.bn_c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)                       # conv + x -> bn: not
+        self.d, self.bn_d = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)                       # bn called twice, same conv
+        self.e, self.f, self.bn_ef = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)  # twice, two convs
+        self.g, self.bn_g = nn.Conv2d(4, 4, 1), _ScaledBN(4)                             # BN subclass: not
+        self.h, self.bn_h1, self.bn_h2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)  # one conv, 2 BNs
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.bn_a(self.a(x))
+        x = self.bn_b(self.relu(self.b(x)))
+        x = self.bn_c(self.c(x) + x)
+        x = self.bn_d(self.d(x)) + self.bn_d(self.d(x * 2))
+        x = self.bn_ef(self.e(x)) + self.bn_ef(self.f(x))
+        x = self.bn_g(self.g(x))
+        y = self.h(x)
+        return self.bn_h2(y) + self.bn_h1(y)
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_find_conv_bn_pairs_hand_listed_cases_and_restores_modes():
+    torch.manual_seed(0)
+    net = _Tricky().train()
+    net.bn_a.eval()  # a mixed-mode model (SeaM's fix_bn) must come back exactly as it was
+    before = {n: m.training for n, m in net.named_modules()}
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    pairs = find_conv_bn_pairs(net, torch.zeros(1, 3, 5, 5))
+    assert pairs == [('a', 'bn_a'), ('d', 'bn_d'), ('h', 'bn_h2'), ('h', 'bn_h1')]  # order of the BNs' first calls
+    assert {n: m.training for n, m in net.named_modules()} == before
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())  # no running statistic moved
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # hooks removed
+    with pytest.raises(ValueError, match='example must be'):
+        find_conv_bn_pairs(net, [1.0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def _bn_random(bn, gen):
+    n = bn.num_features
+    bn.running_mean.copy_(torch.randn(n, generator=gen))
+    bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    if bn.affine:
+        bn.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+        bn.bias.data.copy_(torch.randn(n, generator=gen) + 1.0)
+
+
+@pytest.mark.parametrize('gran', ['channel', 'weight+channel'])
+def test_convert_with_example_gates_bn_after_conv_exactly(gran):
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 1, bias=False),
+                        nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _bn_random(m, gen)
+    net.eval()
+    plain = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        h_ref = net[:2](x)  # the unconverted first conv + BN
+    convert_to_masks(net, example=torch.zeros(1, 3, 4, 4))
+    assert [type(m) for m in net] == [MaskConv, GatedBatchNorm2d, nn.ReLU, MaskConv, GatedBatchNorm2d, nn.Flatten,
+                                      MaskLinear]
+    assert list(net.state_dict()) == list(plain)
+    enable_model_masks(net, gran)
+    gate = 'weight_mask' if gran == 'channel' else 'channel_mask'
+    with torch.no_grad():
+        getattr(net[0], gate)[[1, 4]] = -1.0
+        h = net[:2](x)
+    # independent reference: the unconverted conv + BN, with channels 1 and 4 replaced by exact zeros
+    want = h_ref.clone()
+    want[:, [1, 4]] = 0
+    assert torch.equal(h, want)
+    # without the gate the BN would turn the zeroed conv output into its (nonzero) shift
+    shift = net[1].bias - net[1].running_mean * net[1].weight / torch.sqrt(net[1].running_var + net[1].eps)
+    assert (shift[[1, 4]].abs() > 1e-3).all()
+
+
+def test_gate_batchnorms_by_name_and_rejects_a_wrong_bn():
+    net = nn.Sequential(MaskConv(2, 3, 1), nn.BatchNorm2d(3), MaskConv(3, 4, 1), nn.BatchNorm2d(4))
+    gate_batchnorms(net, [('0', '1'), ('2', '3')])
+    assert type(net[1]) is GatedBatchNorm2d and net[3]._gate_conv[0] is net[2]
+    assert list(net.state_dict()) == list(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1),
+                                                        nn.BatchNorm2d(4)).state_dict())
+    with pytest.raises(ValueError, match='BatchNorm2d\\(4\\)'):
+        gate_batchnorm(net[2], nn.BatchNorm2d(3))
+
+
+def _gated_net(gen, affine=True):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, affine=affine), nn.ReLU(),
+                        nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4, affine=affine), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 5 * 5, 3))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _bn_random(m, gen)
+    convert_to_masks(net, example=torch.zeros(1, 3, 5, 5))
+    return net
+
+
+@pytest.mark.parametrize('gran', ['channel', 'weight+channel'])
+@pytest.mark.parametrize('affine', [True, False])
+def test_bake_masks_is_plain_and_zeroes_gated_bn_channels(gran, affine):
+    gen = torch.Generator().manual_seed(5)
+    net = _gated_net(gen, affine)
+    enable_model_masks(net, gran)
+    with torch.no_grad():
+        for n, q in net.named_parameters():
+            if n.endswith('_mask'):
+                q.copy_(torch.where(torch.rand(q.shape, generator=gen) < 0.3, -1.0, 1.0))
+        gate = 'weight_mask' if gran == 'channel' else 'channel_mask'
+        getattr(net[0], gate).copy_(torch.tensor([1., -1., 1., -1., 1., 1.]).view(6, 1, 1, 1))
+    net.eval()
+    baked = bake_masks(net)
+    # truly plain: only torch's own classes, no hidden reference to a mask layer
+    assert [type(m) for m in baked] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU,
+                                        nn.Flatten, nn.Linear]
+    assert not any(hasattr(m, '_gate_conv') for m in baked.modules())
+    assert not any('mask' in k for k in baked.state_dict())
+    if affine:  # the gated-off channels' BN scale and shift are 0, the others untouched
+        assert torch.equal(baked[1].weight[[1, 3]], torch.zeros(2)) and torch.equal(baked[1].bias[[1, 3]],
+                                                                                   torch.zeros(2))
+        assert torch.equal(baked[1].weight[[0, 2, 4, 5]], net[1].weight[[0, 2, 4, 5]])
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        h = baked[:2](x)
+        assert torch.equal(h[:, [1, 3]], torch.zeros_like(h[:, [1, 3]]))
+        want, got = net(x), baked(x)
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
+    # train mode (batch statistics): still the same forward, gated channels still exactly 0
+    net.train(), baked.train()
+    with torch.no_grad():
+        want, got, h = net(x), baked(x), baked[:2](x)
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
+    assert torch.equal(h[:, [1, 3]], torch.zeros_like(h[:, [1, 3]]))
+    assert type(net[1]) is GatedBatchNorm2d and net[0].masks_enabled  # original untouched
+
+
+def test_bake_masks_weight_granularity_keeps_bn_values():
+    net = _gated_net(torch.Generator().manual_seed(7))
+    enable_model_masks(net, 'weight')
+    baked = bake_masks(net.eval())
+    assert type(baked[1]) is nn.BatchNorm2d
+    for k in ('weight', 'bias', 'running_mean', 'running_var'):
+        assert torch.equal(getattr(baked[1], k), getattr(net[1], k))
+
+
+def test_converter_and_bake_work_copied_alone(tmp_path):
+    shutil.copy(Path(__file__).resolve().parents[1] / 'layers' / 'mask.py', tmp_path / 'mask.py')
+    code = ("import torch, mask; nn = torch.nn; "
+            "net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)); "
+            "mask.convert_to_masks(net, example=torch.zeros(1, 3, 5, 5)); "
+            "print(mask.find_conv_bn_pairs(net, torch.zeros(1, 3, 5, 5))); "
+            "mask.enable_model_masks(net, 'channel'); b = mask.bake_masks(net.eval()); "
+            "print(sorted({type(m).__name__ for m in b.modules()}))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split('\n')[:2] == ["[('0', '1'), ('2', '3')]", "['BatchNorm2d', 'Conv2d', 'Sequential']"]
