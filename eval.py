@@ -199,6 +199,10 @@ def eval_dataset(e, args):
     n = e['n_data_classes']
     ds = data.build_dataset(args.dataset, args.split, args.data_dir, e['img_size'], seed=e['data_seed'],
                             num_classes=n if args.dataset == 'synthetic' else None, return_index=True)
+    if args.dataset == 'imagenet':  # a folder holding some wnid-named classes: labels = their ImageNet indices
+        lmap = data.imagenet_label_map(ds.classes, os.path.join(args.data_dir, 'val'))  # test = val
+        if lmap is not None:
+            ds = data.TaskSubset(ds, range(len(ds)), lmap, return_index=True)
     if e['task'] is None:
         return ds
     # the same draw as reengineer_seam.py: data.task_indices

@@ -68,7 +68,7 @@ import torch
 from common import (PROJECT, Logger, UserError, check_output_dir, load_checkpoint, make_run_dir, run_main,
                     save_checkpoint, seed_everything)
 from data import (CIFAR100_COARSE, SPLITS, TaskSubset, build_dataset, build_loader, check_disjoint, dataset_info,
-                  folder_classes, imagenet_class_index, load_superclasses, superclass_classes, task_indices)
+                  folder_classes, imagenet_label_map, load_superclasses, superclass_classes, task_indices)
 from models import build_model, seam
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -206,26 +206,11 @@ class DataSpec:
         return where or f'{self.name} {self.data_dir}'
 
 
-def imagenet_labels(classes, where):
-    """{folder label: ImageNet-1k class} for an imagenet split whose class folders are wnids, None where the folder
-    labels are already the 1,000 classes (all 1,000 folders); a partial folder of other names -> UserError."""
-    index = imagenet_class_index()
-    if all(c in index for c in classes):
-        lmap = {j: index[c] for j, c in enumerate(classes)}
-        return None if all(j == k for j, k in lmap.items()) else lmap
-    if len(classes) == 1000:
-        return None
-    odd = [c for c in classes if c not in index]
-    raise UserError(f'{where} holds {len(classes)} class folders, {len(odd)} of them not ImageNet wnids (e.g. '
-                    f'{odd[0]!r}), so their ImageNet classes are unknown: name the folders by wnid (n01440764, ...) or '
-                    'use --dataset folder (classes = the folders)')
-
-
 def build(spec, split, img_size, augment=False):
     """``split`` of ``spec``'s dataset with labels in the model's classes (a partial ImageNet: wnid -> index)."""
     ds = build_dataset(spec.name, split, spec.data_dir, img_size, augment=augment, seed=0, part=spec.part)
     if spec.name == 'imagenet':
-        lmap = imagenet_labels(ds.classes, os.path.join(spec.data_dir, 'train' if split == 'train' else 'val'))
+        lmap = imagenet_label_map(ds.classes, os.path.join(spec.data_dir, 'train' if split == 'train' else 'val'))
         if lmap is not None:
             ds = TaskSubset(ds, range(len(ds)), lmap)
     return ds
@@ -246,7 +231,7 @@ def source_spec(args):
             build_dataset('imagenet', 'train', args.data_dir)  # raises the precise one-line error
         from torchvision.datasets.folder import find_classes
         classes = find_classes(root)[0]  # ImageFolder's label order, read from the folder names alone
-        lmap = imagenet_labels(classes, root)
+        lmap = imagenet_label_map(classes, root)
         names = list(classes) if lmap is None else [None] * 1000
         for j, c in (lmap or {}).items():
             names[c] = classes[j]

@@ -194,14 +194,33 @@ def test_bad_inputs_one_line_exit_2_and_no_folder(trees, tmp_path):
         assert not out.exists(), argv
 
 
-def test_partial_superclass_keeps_the_present_classes(trees, tmp_path):
-    """--superclass-partial: 'pets' lists 3 wnids, 2 of them in the tree (tench 0, Chihuahua 3). Checked up to
-    the resolved classes, which main prints before training; --epochs 1 keeps the run short."""
-    tmp, src, _ = trees
-    r = _run('--model', 'resnet20', '--dataset', 'folder', '--data-dir', src, '--train-base', '--base-epochs', '1',
+def test_partial_imagenet_folder_superclass_by_wnid_and_eval(trees, tmp_path):
+    """--dataset imagenet on a folder holding 4 of the 1,000 classes: a 1000-class base, labels by wnid (tench 0,
+    brambling 10, goldfinch 11, Chihuahua 151: their ImageNet-1k indices). --superclass-partial: 'pets' lists 3
+    wnids, 2 of them here; eval.py scores the module on the same images (20 = 2 classes x 10 val images: with
+    folder-position labels, 151 would have none)."""
+    tmp, _, _ = trees
+    inet = tmp_path / 'imagenet'
+    _tree(inet / 'train', SOURCE_WNIDS, 3)
+    _tree(inet / 'val', SOURCE_WNIDS, 4)
+    out = tmp_path / 'runs'
+    r = _run('--model', 'resnet20', '--dataset', 'imagenet', '--data-dir', inet, '--train-base', '--base-epochs', '1',
              '--task', 'multiclass', '--superclass', 'pets', '--superclass-csv', tmp / 'superclasses.csv',
-             '--superclass-partial', '--epochs', '1', '--output', tmp_path, *FAST)
+             '--superclass-partial', '--epochs', '1', '--output', out, *FAST)
     assert r.returncode == 0, r.stderr[-2000:]
-    rep = json.loads((tmp_path / '001' / 'report.json').read_text())
-    assert rep['classes'] == [0, 3] and rep['superclass']['missing'] == ['n09999999']
-    assert "using the 2 of its 3 classes" in r.stdout
+    rep = json.loads((out / '001' / 'report.json').read_text())
+    assert rep['classes'] == [0, 151] and rep['superclass']['missing'] == ['n09999999']
+    assert rep['superclass']['wnids'] == ['n01440764', 'n02085620'] and 'using the 2 of its 3 classes' in r.stdout
+    assert torch.load(out / '001' / 'base.pt', weights_only=True)['model']['kwargs']['num_classes'] == 1000
+    res_path = tmp_path / 'eval.json'
+    r = _run(out / '001' / 'module.pt', '--dataset', 'imagenet', '--data-dir', inet, '--json', res_path,
+             '--threads', '1', '--latency-iters', '0', script='eval.py')
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(res_path.read_text())['results'][0]
+    assert res['samples'] == 2 * PER_CLASS and res['top1'] == pytest.approx(100 * rep['extracted_acc_test'])
+    # a class without a folder here is named as such
+    base = out / '001' / 'base.pt'
+    r = _run('--model', 'resnet20', '--dataset', 'imagenet', '--data-dir', inet, '--pretrained', base, '--task',
+             'binary', '--target-class', '5', '--output', tmp_path / 'bad', *FAST)
+    _one_line_error(r, 'no class folder')
+    assert not (tmp_path / 'bad').exists()
