@@ -22,7 +22,9 @@ Kinds: 'vitae_train' (EMA weights when the checkpoint has them, unless --no-ema)
 'seam_masks' (the base weights + SeaM masks + module head, all in its state dict: masks are re-enabled with the
 stored granularity, then loaded). SeaM checkpoints are scored on their task: the test images of the task's
 classes (binary: the target class + as many seeded negatives, exactly as reengineer_seam.py draws them) with the
-task's labels (binary: 0 = target, 1 = other; multiclass: position in 'classes').
+task's labels (binary: 0 = target, 1 = other; multiclass: position in 'classes'). --dataset folder: any ImageFolder
+tree (data.build_dataset), one class per class folder; --dataset imagenet with wnid-named class folders labels them by
+ImageNet index, so a folder holding only some classes scores a 1000-class model (and its SeaM modules) correctly.
 
 Evaluation is exact under N processes: each sample goes to exactly one rank (data.ExactDistributedSampler) and
 the counts are summed with all_reduce. ReaL (Beyer et al. 2020) labels are looked up by each sample's dataset
@@ -199,8 +201,9 @@ def eval_dataset(e, args):
     n = e['n_data_classes']
     ds = data.build_dataset(args.dataset, args.split, args.data_dir, e['img_size'], seed=e['data_seed'],
                             num_classes=n if args.dataset == 'synthetic' else None, return_index=True)
-    if args.dataset == 'imagenet':  # a folder holding some wnid-named classes: labels = their ImageNet indices
-        lmap = data.imagenet_label_map(ds.classes, os.path.join(args.data_dir, 'val'))  # test = val
+    # a folder holding some wnid-named classes: labels = their ImageNet indices (other names: folder positions)
+    if args.dataset == 'imagenet' and set(ds.classes) <= set(data.imagenet_class_index()):
+        lmap = data.imagenet_label_map(ds.classes)
         if lmap is not None:
             ds = data.TaskSubset(ds, range(len(ds)), lmap, return_index=True)
     if e['task'] is None:
