@@ -160,6 +160,9 @@ def check_args(args):
     if args.task == 'defect' and args.target_dir is None and args.dataset != 'digits':
         raise UserError(f'--task defect on {args.dataset} needs --target-dir DIR (an ImageFolder of target images '
                         'disjoint from the base model\'s); only digits has a built-in disjoint target half')
+    if args.superclass is not None and args.task == 'binary':
+        raise UserError('--superclass picks a multi-class task: pass --task multiclass (or defect), or --target-class '
+                        'for a binary one')
     if (args.superclass_csv or args.superclass_partial) and args.superclass is None:
         raise UserError('--superclass-csv / --superclass-partial go with --superclass NAME_OR_INDEX')
     check_output_dir(args.output)
@@ -202,8 +205,9 @@ class DataSpec:
         return list(range(self.nc)) if self.names is None else [c for c, n in enumerate(self.names) if n is not None]
 
     def describe(self):
-        where = {'digits': f"digits{'' if self.part is None else ' ' + self.part + ' half'}"}.get(self.name)
-        return where or f'{self.name} {self.data_dir}'
+        if self.name == 'digits':
+            return 'digits' if self.part is None else f'digits {self.part} half'
+        return f'{self.name} {self.data_dir}'
 
 
 def build(spec, split, img_size, augment=False):
@@ -282,7 +286,7 @@ def superclass_task(args, spec):
     if spec.name == 'cifar100':
         if not args.superclass.isdigit() or not 0 <= int(args.superclass) < 20:
             raise UserError(f'--superclass must be in 0..19 (CIFAR-100 has 20 superclasses), got {args.superclass!r}')
-        return [c for c in range(100) if CIFAR100_COARSE[c] == int(args.superclass)], dict(superclass=args.superclass)
+        return [c for c in range(100) if CIFAR100_COARSE[c] == int(args.superclass)], dict(superclass=int(args.superclass))
     if spec.names is None:
         raise UserError(f'--superclass needs --dataset cifar100 (its 20 coarse classes, by index) or imagenet / '
                         f'folder (named superclasses of --superclass-csv); {spec.name} has none')
