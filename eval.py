@@ -22,7 +22,9 @@ Kinds: 'vitae_train' (EMA weights when the checkpoint has them, unless --no-ema)
 'seam_masks' (the base weights + SeaM masks + module head, all in its state dict: masks are re-enabled with the
 stored granularity, then loaded). SeaM checkpoints are scored on their task: the test images of the task's
 classes (binary: the target class + as many seeded negatives, exactly as reengineer_seam.py draws them) with the
-task's labels (binary: 0 = target, 1 = other; multiclass: position in 'classes').
+task's labels (binary: 0 = target, 1 = other; multiclass: position in 'classes'). --dataset folder: any ImageFolder
+tree (data.build_dataset), one class per class folder; --dataset imagenet with wnid-named class folders labels them by
+ImageNet index, so a folder holding only some classes scores a 1000-class model (and its SeaM modules) correctly.
 
 Evaluation is exact under N processes: each sample goes to exactly one rank (data.ExactDistributedSampler) and
 the counts are summed with all_reduce. ReaL (Beyer et al. 2020) labels are looked up by each sample's dataset
@@ -62,7 +64,8 @@ def get_args(argv=None):
     a('--nblocks', type=int, default=4, help='--model: Monarch blocks')
     a('--monarch-attn', action='store_true', help='--model: Monarch attention qkv/proj too')
     a('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help='--model: more constructor keywords')
-    a('--dataset', required=True, choices=data.NAMES)
+    a('--dataset', required=True, choices=(*data.NAMES, 'folder'),
+      help='folder: any ImageFolder tree (--data-dir), classes = its class folders')
     a('--data-dir', default=None)
     a('--split', default='test', choices=('test', 'val'))
     a('--data-seed', type=int, default=None, help="split seed (default: the checkpoint's data_seed, else 0)")
@@ -101,6 +104,13 @@ def check_args(args):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+def dataset_classes(args):
+    """The class count of --dataset ('folder': its class folders; a missing folder is a one-line error)."""
+    if args.dataset == 'folder':
+        return len(data.folder_classes(args.data_dir))
+    return data.dataset_info(args.dataset)['num_classes']
+
+
 def prepare(path, args):
     """Load ``path`` (weights_only) and describe how to evaluate it: model, label mapping, image size."""
     ck = common.load_checkpoint(path, KINDS)
@@ -120,8 +130,7 @@ def prepare(path, args):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f'{path!r}: its state_dict does not fit its model config ({str(e).splitlines()[0]})') from None
-    info = data.dataset_info(args.dataset)
-    n_data = int(cargs.get('num_classes', 10)) if args.dataset == 'synthetic' else info['num_classes']
+    n_data = int(cargs.get('num_classes', 10)) if args.dataset == 'synthetic' else dataset_classes(args)
     task, classes = None, None
     if kind in ('seam_masks', 'seam_module'):
         task, classes = ck.get('task') or cargs.get('task'), list(ck.get('classes') or [])
@@ -152,9 +161,10 @@ def prepare_weights(args, quiet=False):
     from models.structured import describe_key_problems, load_projected
     from models.weights import load_weights
     info = data.dataset_info(args.dataset)
-    n, img = info['num_classes'], args.img_size or info['img_size']
-    family = family_of(args.model, ('vitae', 'cifar', 'timm'))
-    if family == 'cifar':  # this project's 32x32 CNNs (chenyaofo/pytorch-cifar-models keys): no MLP to convert
+    n, img = dataset_classes(args), args.img_size or info['img_size']
+    # this project's CIFAR nets and torchvision ResNets (SeaM's bases) before timm, whose resnet18 has the same keys
+    family = family_of(args.model, ('vitae', 'cifar', 'torchvision', 'timm'))
+    if family in ('cifar', 'torchvision'):  # CNNs (chenyaofo / torchvision state-dict keys): no MLP to convert
         if args.mlp != 'dense' or args.monarch_attn:
             raise UserError(f'{args.model} is a CNN without MLP blocks: drop --mlp/--monarch-attn')
         kwargs = dict(num_classes=n)
@@ -191,6 +201,11 @@ def eval_dataset(e, args):
     n = e['n_data_classes']
     ds = data.build_dataset(args.dataset, args.split, args.data_dir, e['img_size'], seed=e['data_seed'],
                             num_classes=n if args.dataset == 'synthetic' else None, return_index=True)
+    # a folder holding some wnid-named classes: labels = their ImageNet indices (other names: folder positions)
+    if args.dataset == 'imagenet' and set(ds.classes) <= set(data.imagenet_class_index()):
+        lmap = data.imagenet_label_map(ds.classes)
+        if lmap is not None:
+            ds = data.TaskSubset(ds, range(len(ds)), lmap, return_index=True)
     if e['task'] is None:
         return ds
     # the same draw as reengineer_seam.py: data.task_indices

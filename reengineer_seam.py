@@ -1,4 +1,4 @@
-"""SeaM model re-engineering (Qi et al., ICSE 2023) on CIFAR-style VGG16-BN / ResNet20, with physical extraction.
+"""SeaM model re-engineering (Qi et al., ICSE 2023) of CIFAR nets and torchvision ResNets, with physical extraction.
 
 Masks (one real score per weight, binarised at 0) and a small module head are trained on a sub-task of the base
 model's classes; the weights stay frozen, BatchNorm statistics stay frozen, loss = CE + alpha * weight ratio, with
@@ -22,19 +22,43 @@ lives in models/seam.py in small named steps; main() below only runs them in ord
     python reengineer_seam.py --model resnet18 --train-base --base-epochs 10 --task binary --target-class 0
     python reengineer_seam.py --model resnet50 --pretrained resnet50-11ad3fa6.pth --dataset imagenet --data-dir DIR \
         --img-size 224 --task binary --target-class 301 --mask-granularity weight+channel --penalty flops
-    # defect inheritance: standard fine-tuning vs re-engineer-then-fine-tune, PGD on the pretrained features
-    python reengineer_seam.py --model resnet20 --pretrained BASE.pt --task defect --classes 0,1,2,3,4
+    # any ImageFolder tree (DIR/train + DIR/val [+ DIR/test], or one DIR/<class>/ tree split here): one class per
+    # folder, so the base model has as many outputs as DIR has class folders
+    python reengineer_seam.py --model resnet18 --dataset folder --data-dir DIR --img-size 64 --train-base \
+        --base-epochs 30 --task binary --target-class 2
+    python reengineer_seam.py --model resnet18 --dataset folder --data-dir DIR --pretrained BASE.pt \
+        --task multiclass --classes 0,3,5
+    # a named ImageNet superclass (SeaM's 67 WordNet superclasses, data/superclasses/), classes found by wnid
+    python reengineer_seam.py --model resnet50 --pretrained resnet50-11ad3fa6.pth --dataset imagenet --data-dir DIR \
+        --img-size 224 --task multiclass --superclass bug           # or its index: --superclass 12
+    #   --superclass-csv restricted_imagenet --superclass insect (MadryLab's 9), or a CSV of superclass,wnid rows;
+    #   a folder holding only some of the classes: one error naming the missing ones, or --superclass-partial
+    # defect inheritance: standard fine-tuning vs re-engineer-then-fine-tune, PGD on the pretrained features;
+    # on digits the base model trains on the source half and the task reads the target half (disjoint images)
+    python reengineer_seam.py --model resnet20 --train-base --task defect --classes 0,1,2,3,4
+    python reengineer_seam.py --model resnet20 --pretrained runs/seam/001/base.pt --task defect --classes 0,1,2,3,4
+    # ... with an ImageNet model and a target folder (CUB-200, Flowers-102, MIT-67, Stanford Dogs: ImageFolders)
+    python reengineer_seam.py --model resnet18 --pretrained resnet18-f37072fd.pth --dataset imagenet --data-dir DIR \
+        --img-size 224 --task defect --target-dir CUB_DIR --pgd-eps 0.01 0.03 0.1
 
 Defaults follow the SeaM README per model and dataset (lr_mask, alpha; 300 epochs, batch 64, head lr 0.1). On the
 small digits data they are batch 16 (more mask updates per epoch), head lr 0.01 (with 0.1 the head drives the loss
 to exactly 0 and the masks then collapse) and lr_mask 0.05 for both models (measured in BENCHMARKS.md).
 
 --pretrained takes a checkpoint of this project (kind 'cifar_base') or a plain chenyaofo/pytorch-cifar-models state
-dict. Outputs in --output/NNN/: base.pt (with --train-base), masks.pt (kind 'seam_masks': full masked model state,
+dict. --dataset imagenet: class folders named by wnid give the 1000-class model's labels (a folder may hold only some
+classes); --dataset folder: the labels are the sorted class folders. Defect inheritance: before anything is created,
+every split of the source data (the base model's) and of the target is digested and one shared image is a one-line
+error (exit 2); the report's 'disjoint' records the check. A digits base that does not record training on the source
+half (base.pt of --train-base without --task defect, plain state dicts) is refused for digits defect runs; binary
+and multiclass tasks read the data the base model was trained on (on digits: its recorded half, else all).
+
+Outputs in --output/NNN/: base.pt (with --train-base), masks.pt (kind 'seam_masks': full masked model state,
 weights + weight_mask/bias_mask/channel_mask + module_head), module.pt (kind 'seam_module': the extracted plain
 network, rebuilt by models.build_model(ckpt['model'])), report.json, TensorBoard events + log.jsonl.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -43,7 +67,8 @@ import torch
 
 from common import (PROJECT, Logger, UserError, check_output_dir, load_checkpoint, make_run_dir, run_main,
                     save_checkpoint, seed_everything)
-from data import CIFAR100_COARSE, TaskSubset, build_dataset, build_loader, dataset_info, task_indices
+from data import (CIFAR100_COARSE, SPLITS, TaskSubset, build_dataset, build_loader, check_disjoint, dataset_info,
+                  folder_classes, imagenet_label_map, load_superclasses, superclass_classes, task_indices)
 from models import build_model, seam
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -51,9 +76,14 @@ TORCHVISION = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 p.add_argument('--model', default='resnet20', choices=['resnet20', 'vgg16_bn', *TORCHVISION],
                help='resnet20 / vgg16_bn: CIFAR nets (models/cifar.py); resnet18..101: torchvision ResNets with mask '
                     'layers (models/tv_resnet.py), --pretrained takes a local torchvision state dict')
-p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100', 'imagenet'],
-               help='imagenet: an ImageFolder DIR/train, DIR/val (--data-dir), 1000 classes; use --img-size 224')
+p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100', 'imagenet', 'folder'],
+               help='imagenet: an ImageFolder DIR/train, DIR/val (--data-dir) for a 1000-class model, class folders '
+                    'named by wnid (all 1000, or some: labels by wnid); folder: any ImageFolder tree (DIR/train, '
+                    'DIR/val[, DIR/test] or one DIR/<class>/ tree), one class per folder; use --img-size 224')
 p.add_argument('--data-dir', default=None)
+p.add_argument('--target-dir', default=None,
+               help='defect task: the target (fine-tuning) ImageFolder, disjoint from the source images (checked); '
+                    "on digits the default is its target half (the base model trains on the source half)")
 p.add_argument('--img-size', type=int, default=32, help='resnet20 only (vgg16_bn needs 32)')
 p.add_argument('--pretrained', default=None,
                help='base model checkpoint: a cifar_base checkpoint of this project, or a plain state dict '
@@ -63,7 +93,14 @@ p.add_argument('--base-epochs', type=int, default=30)
 p.add_argument('--base-lr', type=float, default=0.05)
 p.add_argument('--task', default=None, choices=['binary', 'multiclass', 'defect'])
 p.add_argument('--target-class', type=int, default=None)
-p.add_argument('--superclass', type=int, default=None)
+p.add_argument('--superclass', default=None, metavar='NAME_OR_INDEX',
+               help='multiclass task: cifar100: a coarse class 0..19; imagenet / folder: a superclass (name, or '
+                    'position in the file) of --superclass-csv, its classes found by class-folder name (wnid)')
+p.add_argument('--superclass-csv', default=None,
+               help="imagenet (default: SeaM's 67 WordNet superclasses), restricted_imagenet, or a CSV path with the "
+                    'columns superclass,wnid (data/superclasses/README.md)')
+p.add_argument('--superclass-partial', action='store_true',
+               help='use the classes of the superclass the folder holds (default: all of them must be there)')
 p.add_argument('--classes', default=None, help='comma-separated class ids, e.g. 3,17,42')
 p.add_argument('--n-classes', type=int, default=None, help='random class subset of this size (with --seed)')
 p.add_argument('--seed', type=int, default=0)
@@ -118,6 +155,16 @@ def check_args(args):
         raise UserError(f'--device {args.device} but no CUDA device is available; use --device cpu')
     if dev.type not in ('cpu', 'cuda'):
         raise UserError(f'--device {args.device}: only cpu and cuda are supported')
+    if args.target_dir is not None and args.task != 'defect':
+        raise UserError('--target-dir is the target data of --task defect; drop it or pass --task defect')
+    if args.task == 'defect' and args.target_dir is None and args.dataset != 'digits':
+        raise UserError(f'--task defect on {args.dataset} needs --target-dir DIR (an ImageFolder of target images '
+                        'disjoint from the base model\'s); only digits has a built-in disjoint target half')
+    if args.superclass is not None and args.task == 'binary':
+        raise UserError('--superclass picks a multi-class task: pass --task multiclass (or defect), or --target-class '
+                        'for a binary one')
+    if (args.superclass_csv or args.superclass_partial) and args.superclass is None:
+        raise UserError('--superclass-csv / --superclass-partial go with --superclass NAME_OR_INDEX')
     check_output_dir(args.output)
 
 
@@ -139,19 +186,143 @@ def parse_args(argv=None):
     return args
 
 
-def task_classes(args, nc):
-    """The task's original class ids (binary: [target]); the module's label of class classes[i] is i (binary:
-    0 = target, 1 = other)."""
+# ------------------------------------------------------------------------------------------------ the data
+@dataclasses.dataclass
+class DataSpec:
+    """A dataset the script reads, with the classes of the model that reads it.
+
+    ``nc``: the model's class count; ``names[c]``: the class folder of model class ``c`` (None where the folder
+    holds no such class; ``names`` None for datasets without class folders); ``part``: digits' 'source' / 'target'
+    half (None: all of digits)."""
+    name: str
+    data_dir: object = None
+    part: object = None
+    nc: int = 0
+    names: object = None
+
+    def present(self):
+        """The model classes that have images here."""
+        return list(range(self.nc)) if self.names is None else [c for c, n in enumerate(self.names) if n is not None]
+
+    def describe(self):
+        if self.name == 'digits':
+            return 'digits' if self.part is None else f'digits {self.part} half'
+        return f'{self.name} {self.data_dir}'
+
+
+def build(spec, split, img_size, augment=False):
+    """``split`` of ``spec``'s dataset with labels in the model's classes (a partial ImageNet: wnid -> index)."""
+    ds = build_dataset(spec.name, split, spec.data_dir, img_size, augment=augment, seed=0, part=spec.part)
+    if spec.name == 'imagenet':
+        lmap = imagenet_label_map(ds.classes, os.path.join(spec.data_dir, 'train' if split == 'train' else 'val'))
+        if lmap is not None:
+            ds = TaskSubset(ds, range(len(ds)), lmap)
+    return ds
+
+
+def folder_spec(data_dir):
+    names = folder_classes(data_dir)  # a missing or malformed folder -> one line naming the layout
+    return DataSpec('folder', data_dir, None, len(names), names)
+
+
+def source_spec(args):
+    """The base model's data: its class count (folder: one class per class folder) and class names."""
+    if args.dataset == 'folder':
+        return folder_spec(args.data_dir)
+    if args.dataset == 'imagenet':
+        root = os.path.join(args.data_dir or '', 'train')
+        if args.data_dir is None or not os.path.isdir(root):
+            build_dataset('imagenet', 'train', args.data_dir)  # raises the precise one-line error
+        from torchvision.datasets.folder import find_classes
+        classes = find_classes(root)[0]  # ImageFolder's label order, read from the folder names alone
+        lmap = imagenet_label_map(classes, root)
+        names = list(classes) if lmap is None else [None] * 1000
+        for j, c in (lmap or {}).items():
+            names[c] = classes[j]
+        return DataSpec('imagenet', args.data_dir, None, 1000, names)
+    return DataSpec(args.dataset, args.data_dir, None, dataset_info(args.dataset)['num_classes'])
+
+
+def task_spec(args, source):
+    """The task's data: the base model's own, or for defect inheritance the target (--target-dir, or on digits the
+    half the base model never saw)."""
+    if args.task != 'defect':
+        return source
+    return folder_spec(args.target_dir) if args.target_dir else DataSpec('digits', None, 'target', 10)
+
+
+def check_base_part(args, part):
+    """Defect inheritance on digits needs a base model trained on the source half only."""
+    if args.task == 'defect' and args.dataset == 'digits' and not args.target_dir and part != 'source':
+        raise UserError(f"{args.pretrained} was trained on {'all digits' if part is None else 'the ' + part + ' half'}"
+                        ' (or does not record its part), which holds the defect target images: train the base on '
+                        'the source half with --train-base --task defect (its base.pt then serves as --pretrained)')
+
+
+def check_data(args, source, target):
+    """Every split builds (a missing or malformed folder: one line now, before any folder exists); for defect
+    inheritance no target image may be a source image (by content, over all splits of both). Returns the
+    disjointness record (None when the task reads the source data)."""
+    src = [build(source, s, args.img_size) for s in SPLITS]
+    if target is source:
+        return None
+    tgt = [build(target, s, args.img_size) for s in SPLITS]
+    shared = check_disjoint(src, tgt, names=(f'source ({source.describe()})', f'target ({target.describe()})'))
+    return dict(source=source.describe(), target=target.describe(), shared_images=shared,
+                source_items=dict(zip(SPLITS, map(len, src))), target_items=dict(zip(SPLITS, map(len, tgt))))
+
+
+# ------------------------------------------------------------------------------------------------ the task
+def check_present(spec, ids, flag):
+    missing = [c for c in ids if spec.names is not None and spec.names[c] is None]
+    if missing:
+        raise UserError(f'{flag}: class(es) {missing} have no class folder in {spec.data_dir} (it holds '
+                        f'{len(spec.present())} of the {spec.nc} classes); pick classes it holds')
+
+
+def superclass_task(args, spec):
+    """--superclass: a CIFAR-100 coarse class, or a superclass of --superclass-csv looked up by class-folder name
+    (wnid), so a folder holding part of ImageNet resolves too. Returns (classes, report fields)."""
+    if spec.name == 'cifar100':
+        if not args.superclass.isdigit() or not 0 <= int(args.superclass) < 20:
+            raise UserError(f'--superclass must be in 0..19 (CIFAR-100 has 20 superclasses), got {args.superclass!r}')
+        return [c for c in range(100) if CIFAR100_COARSE[c] == int(args.superclass)], dict(superclass=int(args.superclass))
+    if spec.names is None:
+        raise UserError(f'--superclass needs --dataset cifar100 (its 20 coarse classes, by index) or imagenet / '
+                        f'folder (named superclasses of --superclass-csv); {spec.name} has none')
+    mapping = args.superclass_csv or 'imagenet'
+    groups = load_superclasses(mapping)
+    key = int(args.superclass) if args.superclass.isdigit() else args.superclass
+    ids = {n: c for c, n in enumerate(spec.names) if n is not None}
+    found = superclass_classes(key, list(ids), groups, allow_partial=True)  # unknown name / none here: one line
+    name = key if isinstance(key, str) else list(groups)[key]
+    missing, where = [w for w in groups[name] if w not in ids], f'{spec.describe()}'
+    if missing and not args.superclass_partial:
+        raise UserError(f'superclass {name!r}: {len(missing)} of its {len(groups[name])} classes have no class folder '
+                        f'in {where} ({", ".join(missing[:3])}{", ..." if len(missing) > 3 else ""}); give a folder '
+                        f'holding all of them, or pass --superclass-partial to use the {len(found)} present')
+    classes = sorted(ids[list(ids)[p]] for p in found)
+    if len(classes) < 2:
+        raise UserError(f'superclass {name!r} has {len(classes)} class in {where} ({spec.names[classes[0]]}); a '
+                        'multi-class task needs >= 2: choose another superclass or --classes')
+    if missing:
+        print(f'superclass {name!r}: using the {len(classes)} of its {len(groups[name])} classes in {where}; '
+              f'missing {len(missing)}: {", ".join(missing)}', flush=True)
+    return classes, dict(superclass=dict(name=name, mapping=mapping, wnids=[spec.names[c] for c in classes],
+                                         missing=missing))
+
+
+def task_classes(args, spec):
+    """(the task's class ids among ``spec``'s model classes, extra report fields). The module's label of class
+    classes[i] is i (binary: [target], labels 0 = target, 1 = other)."""
+    nc, present = spec.nc, spec.present()
     if args.task == 'binary':
         if args.target_class is None or not 0 <= args.target_class < nc:
             raise UserError(f'--target-class must be in 0..{nc - 1} for {args.dataset}, got {args.target_class}')
-        return [args.target_class]
+        check_present(spec, [args.target_class], '--target-class')
+        return [args.target_class], {}
     if args.superclass is not None:
-        if args.dataset != 'cifar100':
-            raise UserError('--superclass needs --dataset cifar100 (its 20 predefined superclasses)')
-        if not 0 <= args.superclass < 20:
-            raise UserError(f'--superclass must be in 0..19 (CIFAR-100 has 20 superclasses), got {args.superclass}')
-        return [c for c in range(100) if CIFAR100_COARSE[c] == args.superclass]
+        return superclass_task(args, spec)
     if args.classes is not None:
         try:
             classes = [int(c) for c in args.classes.split(',')]
@@ -159,45 +330,50 @@ def task_classes(args, nc):
             raise UserError(f'--classes must be comma-separated integers, got {args.classes!r}') from None
         if len(set(classes)) != len(classes) or not all(0 <= c < nc for c in classes) or len(classes) < 2:
             raise UserError(f'--classes needs >= 2 distinct ids in 0..{nc - 1}, got {args.classes!r}')
-        return classes
+        check_present(spec, classes, '--classes')
+        return classes, {}
     if args.n_classes is not None:
-        if not 2 <= args.n_classes <= nc:
-            raise UserError(f'--n-classes must be in 2..{nc}, got {args.n_classes}')
-        return sorted(np.random.default_rng(args.seed).permutation(nc)[:args.n_classes].tolist())
+        if not 2 <= args.n_classes <= len(present):
+            raise UserError(f'--n-classes must be in 2..{len(present)}, got {args.n_classes}')
+        pick = np.random.default_rng(args.seed).permutation(len(present))[:args.n_classes]
+        return sorted(np.asarray(present)[pick].tolist()), {}
     if args.task == 'defect':
-        return list(range(nc))
-    raise UserError('--task multiclass needs --superclass I, --classes A,B,C or --n-classes K')
+        return present, {}
+    raise UserError('--task multiclass needs --superclass NAME|I, --classes A,B,C or --n-classes K')
 
 
-def loader(args, split, classes=None, augment=False, shuffle=False, remap=True):
+def loader(spec, args, split, classes=None, augment=False, shuffle=False, remap=True):
     """A loader of ``split``: the whole dataset (classes=None) or the task's subset, labels mapped to the module's
-    outputs (remap=False keeps the original labels, for scoring the original model)."""
-    ds = build_dataset(args.dataset, split, args.data_dir, args.img_size, augment=augment, seed=0)
+    outputs (remap=False keeps the model's labels, for scoring the original model)."""
+    ds = build(spec, split, args.img_size, augment)
     if classes is not None:
         kind = 'binary' if args.task == 'binary' else 'multiclass'  # defect tasks use a class subset
-        idx, lmap = task_indices(ds.targets, kind, classes, dataset_info(args.dataset)['num_classes'], args.seed)
+        idx, lmap = task_indices(ds.targets, kind, classes, spec.nc, args.seed)
         ds = TaskSubset(ds, idx, lmap if remap else None)
     return build_loader(ds, args.batch_size, shuffle=shuffle, seed=args.seed)
 
 
-def task_data(args, classes):
-    return seam.TaskData(loader(args, 'train', classes, augment=True, shuffle=True), loader(args, 'val', classes),
-                         loader(args, 'test', classes))
+def task_data(spec, args, classes):
+    return seam.TaskData(loader(spec, args, 'train', classes, augment=True, shuffle=True),
+                         loader(spec, args, 'val', classes), loader(spec, args, 'test', classes))
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
 def load_base(base, args, nc):
-    """Load --pretrained into base: a cifar_base checkpoint of this project or a plain state dict of the same net."""
+    """Load --pretrained into base: a cifar_base checkpoint of this project or a plain state dict of the same net.
+    Returns the digits part the checkpoint records (None: all of it, or not recorded)."""
     path = args.pretrained
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception:
         obj = None
+    part = None
     if isinstance(obj, dict) and 'project' in obj:
         ck = load_checkpoint(path, expected_kinds=('cifar_base',))
         if ck['model'].get('name') != args.model:
             raise UserError(f"{path} holds a {ck['model'].get('name')} model, not {args.model}: pass "
                             f"--model {ck['model'].get('name')} or a {args.model} checkpoint")
-        sd = ck['state_dict']
+        sd, part = ck['state_dict'], ck.get('part')
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
     else:
@@ -208,19 +384,20 @@ def load_base(base, args, nc):
     except RuntimeError:
         raise UserError(f'{path} does not fit --model {args.model} with {nc} classes ({args.dataset}); pass the '
                         'matching --model/--dataset or another checkpoint') from None
+    return part
 
 
-def train_base(base, base_cfg, args, run, run_dir):
-    """Train the base model on the whole dataset and save it as base.pt (kind 'cifar_base')."""
-    print(f'training base {args.model} on {args.dataset} for {args.base_epochs} epochs', flush=True)
+def train_base(base, base_cfg, args, source, run, run_dir):
+    """Train the base model on the source data and save it as base.pt (kind 'cifar_base', with the digits part)."""
+    print(f'training base {args.model} on {source.describe()} for {args.base_epochs} epochs', flush=True)
     seam.train_plain(base, [{'params': base.parameters(), 'lr': args.base_lr}],
-                     loader(args, 'train', augment=True, shuffle=True), loader(args, 'val'), args.base_epochs,
-                     'base', run)
-    test_acc = seam.evaluate(base, loader(args, 'test'), run.device)
+                     loader(source, args, 'train', augment=True, shuffle=True), loader(source, args, 'val'),
+                     args.base_epochs, 'base', run)
+    test_acc = seam.evaluate(base, loader(source, args, 'test'), run.device)
     save_checkpoint({'project': PROJECT, 'kind': 'cifar_base', 'model': base_cfg,
                      'state_dict': {k: v.cpu() for k, v in base.state_dict().items()}, 'args': vars(args),
-                     'dataset': args.dataset, 'img_size': args.img_size, 'test_acc': test_acc},
-                    os.path.join(run_dir, 'base.pt'))
+                     'dataset': args.dataset, 'part': source.part, 'class_names': source.names,
+                     'img_size': args.img_size, 'test_acc': test_acc}, os.path.join(run_dir, 'base.pt'))
     print(f'base test accuracy {test_acc:.2%} -> {run_dir}/base.pt', flush=True)
 
 
@@ -230,10 +407,11 @@ def save_masks(model, cfg, classes, args, run_dir):
                      'mask_granularity': args.mask_granularity}, os.path.join(run_dir, 'masks.pt'))
 
 
-def save_module(module, mcfg, classes, args, run_dir):
+def save_module(module, mcfg, classes, spec, args, run_dir):
+    names = [str(c) if spec.names is None else spec.names[c] for c in classes]
     save_checkpoint({'project': PROJECT, 'kind': 'seam_module', 'model': mcfg, 'args': vars(args),
                      'state_dict': module.state_dict(), 'classes': classes, 'task': args.task,
-                     'labels': ['target', 'other'] if args.task == 'binary' else [str(c) for c in classes]},
+                     'labels': ['target', 'other'] if args.task == 'binary' else names},
                     os.path.join(run_dir, 'module.pt'))
 
 
@@ -245,46 +423,60 @@ def write_report(report, run_dir, log):
     print(f'run folder: {run_dir}')
 
 
+def seam_params(args):
+    lr_mask, alpha = seam.seam_defaults(args.model, args.dataset, args.task)
+    return seam.SeamParams(args.epochs, args.lr_head, args.lr_mask if args.lr_mask is not None else lr_mask,
+                           args.alpha if args.alpha is not None else alpha, args.penalty, args.early_stop,
+                           args.img_size)
+
+
+def defect(base, base_cfg, classes, target, data, args, run):
+    """SeaM's defect-inheritance experiment on the target task (models/seam.defect_inheritance); the attack's pixel
+    range comes from the target data's normalisation."""
+    info = dataset_info(target.name)
+    return seam.defect_inheritance(base, base_cfg, len(classes), data, seam_params(args), args.mask_granularity,
+                                   args.ft_epochs, args.pgd_eps, args.pgd_samples, (info['mean'], info['std']),
+                                   args.seed, run)
+
+
 def main():
-    # --- arguments, the task's classes, the base model ------------------------------------------------------------
+    # --- arguments, the base model and its data, the task's data and classes ------------------------------------
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    info = dataset_info(args.dataset)
-    nc = info['num_classes']
-    classes = task_classes(args, nc) if args.task else None
     dev = torch.device(args.device)
+    source = source_spec(args)
+    target = task_spec(args, source)  # the source itself (same object) unless the task is defect inheritance
+    classes, task_info = task_classes(args, target) if args.task else (None, {})
     family = 'torchvision' if args.model in TORCHVISION else 'cifar'
-    base_cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': nc}}
+    base_cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': source.nc}}
     base = build_model(base_cfg).to(dev)
     if args.pretrained:
-        load_base(base, args, nc)
-    for split in ('train', 'val', 'test'):  # a missing or malformed data folder -> one line now, not after a folder
-        build_dataset(args.dataset, split, args.data_dir, args.img_size, seed=0)
+        source.part = load_base(base, args, source.nc)
+        check_base_part(args, source.part)
+    elif args.task == 'defect' and args.dataset == 'digits' and not args.target_dir:
+        source.part = 'source'  # the base model never sees the defect task's target half
+    disjoint = check_data(args, source, target)
     run_dir = make_run_dir(args.output, vars(args))  # every check passed: the run folder is made now
     log = Logger(run_dir)
     run = seam.Run(dev, seam.BadStepGuard(args.max_bad_steps, run_dir), log)
     if not args.pretrained:
-        train_base(base, base_cfg, args, run, run_dir)
+        train_base(base, base_cfg, args, source, run, run_dir)
     if args.task is None:
         return
-    # --- the task's data and SeaM's settings ----------------------------------------------------------------------
-    k = 2 if args.task == 'binary' else len(classes)
-    lr_mask, alpha = seam.seam_defaults(args.model, args.dataset, args.task)
-    hp = seam.SeamParams(args.epochs, args.lr_head, args.lr_mask if args.lr_mask is not None else lr_mask,
-                         args.alpha if args.alpha is not None else alpha, args.penalty, args.early_stop, args.img_size)
-    data = task_data(args, classes)
+    data = task_data(target, args, classes)
+    head = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, **task_info)
     if args.task == 'defect':
-        report = seam.defect_inheritance(base, base_cfg, k, data, hp, args.mask_granularity, args.ft_epochs,
-                                         args.pgd_eps, args.pgd_samples, (info['mean'], info['std']), args.seed, run)
-        return write_report(dict(model=args.model, dataset=args.dataset, task='defect', classes=classes, **report),
-                            run_dir, log)
+        report = defect(base, base_cfg, classes, target, data, args, run)
+        return write_report(dict(head, **report, disjoint=disjoint), run_dir, log)
     # --- masks on a copy of the base model with a module head, and SeaM's search ----------------------------------
-    target = classes[0] if args.task == 'binary' else None  # the original model is scored the SeaM way
-    orig_val = seam.evaluate(base, loader(args, 'val', classes, remap=False), dev, target)
-    orig_test = seam.evaluate(base, loader(args, 'test', classes, remap=False), dev, target)
-    cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': nc, 'head_classes': k}}
+    hp = seam_params(args)
+    target_class = classes[0] if args.task == 'binary' else None  # the original model is scored the SeaM way
+    orig_val = seam.evaluate(base, loader(target, args, 'val', classes, remap=False), dev, target_class)
+    orig_test = seam.evaluate(base, loader(target, args, 'test', classes, remap=False), dev, target_class)
+    k = 2 if args.task == 'binary' else len(classes)
+    cfg = {'family': family, 'name': args.model, 'kwargs': {'num_classes': source.nc, 'head_classes': k}}
     model = seam.masked_module(base, cfg, args.mask_granularity, dev)
     print(f'task {args.task} classes {classes}: original model val acc {orig_val:.2%}, test acc {orig_test:.2%}; '
           f'lr_mask {hp.lr_mask} alpha {hp.alpha}', flush=True)
@@ -293,11 +485,10 @@ def main():
     save_masks(model, cfg, classes, args, run_dir)
     # --- extraction, measurements (CPU) and the report ------------------------------------------------------------
     module, mcfg, measured = seam.module_report(base, model, cfg, data.test, args.img_size, args.latency_iters)
-    save_module(module, mcfg, classes, args, run_dir)
-    report = dict(model=args.model, dataset=args.dataset, task=args.task, classes=classes, lr_mask=hp.lr_mask,
-                  lr_head=args.lr_head, alpha=hp.alpha, mask_granularity=args.mask_granularity, selected=sel,
-                  minutes=minutes, **seam.retention(model), original_acc_val=orig_val, original_acc_test=orig_test,
-                  module_acc_test=module_test, **measured)
+    save_module(module, mcfg, classes, target, args, run_dir)
+    report = dict(head, lr_mask=hp.lr_mask, lr_head=args.lr_head, alpha=hp.alpha,
+                  mask_granularity=args.mask_granularity, selected=sel, minutes=minutes, **seam.retention(model),
+                  original_acc_val=orig_val, original_acc_test=orig_test, module_acc_test=module_test, **measured)
     write_report(report, run_dir, log)
 
 

@@ -26,7 +26,9 @@ API (other scripts code against this):
   (``SUPERCLASS_MAPPINGS``: 'imagenet' = SeaM's 67 WordNet superclasses, 'restricted_imagenet' = MadryLab's 9; see
   ``data/superclasses/README.md``) or a user CSV path; ``superclass_classes(name, class_names, mapping,
   allow_partial=False)`` -> sorted class indices of a dataset whose class list is ``class_names`` (e.g. its
-  ``.classes``, ImageFolder's wnid folder names); ``imagenet_class_index()`` -> ``{wnid: ImageNet-1k index}``.
+  ``.classes``, ImageFolder's wnid folder names); ``imagenet_class_index()`` -> ``{wnid: ImageNet-1k index}``;
+  ``imagenet_label_map(classes, where)`` -> ``{folder label: ImageNet-1k index}`` for an imagenet folder holding
+  only some wnid-named classes (None when its labels already are the 1,000 classes).
 - Disjointness (defect inheritance needs source and target images disjoint): ``image_digests(data)``,
   ``find_overlap(a, b)``, ``check_disjoint(a, b, names=('source', 'target'), strict=True)``; see their docstrings.
 
@@ -73,6 +75,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 __all__ = ['DataError', 'build_dataset', 'task_indices', 'TaskSubset', 'CIFAR100_COARSE', 'dataset_info',
            'build_loader', 'set_epoch', 'ExactDistributedSampler', 'load_real_labels', 'real_labels_for',
            'real_correct', 'folder_classes', 'load_superclasses', 'superclass_classes', 'imagenet_class_index',
+           'imagenet_label_map',
            'image_digests', 'find_overlap', 'check_disjoint', 'NAMES', 'SPLITS', 'PARTS', 'SUPERCLASS_MAPPINGS']
 
 NAMES = ('digits', 'cifar10', 'cifar100', 'imagenet', 'synthetic')  # fixed class count: the scripts' --dataset choices
@@ -662,6 +665,23 @@ def imagenet_class_index():
     header, rows = _csv_rows(_mapping_path('imagenet'))
     i_cls, i_idx = header.index('wnid'), header.index('index')
     return {fields[i_cls]: int(fields[i_idx]) for _, fields in rows}
+
+
+def imagenet_label_map(classes, where='the imagenet folder'):
+    """``{folder label: ImageNet-1k class index}`` for an imagenet split whose class folders (``classes``, its
+    ``.classes`` in label order) are wnids, so a folder holding only some classes is labelled as a 1000-class model
+    sees it; None when the folder labels already are the 1,000 classes (all 1,000 folders, wnids or not). A partial
+    folder with other names is a DataError (its classes are unknown)."""
+    index = imagenet_class_index()
+    if all(c in index for c in classes):
+        lmap = {j: index[c] for j, c in enumerate(classes)}
+        return None if all(j == k for j, k in lmap.items()) else lmap
+    if len(classes) == 1000:
+        return None
+    odd = [c for c in classes if c not in index]
+    raise DataError(f"{where} holds {len(classes)} class folders, {len(odd)} of them not ImageNet wnids (e.g. "
+                    f"{odd[0]!r}), so their ImageNet classes are unknown: name the folders by wnid (n01440764, ...) or "
+                    "read them as a 'folder' dataset (classes = the folders)")
 
 
 # ---------------------------------------------------------------- disjoint source and target images

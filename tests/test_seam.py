@@ -242,6 +242,7 @@ BAD_INPUTS = [
     (['--task', 'binary', '--target-class', '10'], '--target-class'),
     (['--model', 'vgg16_bn', '--task', 'binary', '--target-class', '1'], 'resnet20'),
     (['--dataset', 'cifar100', '--task', 'multiclass', '--superclass', '20'], '--superclass'),
+    (['--task', 'defect', '--classes', '0,1,2'], 'trained on all digits'),  # its images hold the target half
 ]
 
 
@@ -274,15 +275,27 @@ def test_pgd_saturates_the_eps_ball_along_the_feature_gradient():
     assert (xa - x).abs().max() <= eps + 1e-6
 
 
-def test_tiny_defect_inheritance_run(base_ckpt):
-    base, out = base_ckpt
-    r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(base), '--task', 'defect', '--classes',
-             '0,1,2', '--epochs', '3', '--ft-epochs', '1', '--batch-size', '32', '--pgd-samples', '16', '--threads', '1',
-             '--pgd-eps', '0.1', '0.5',
-             '--output', str(out / 'defect'))
+def test_tiny_defect_inheritance_run(tmp_path):
+    """Digits defect inheritance is disjoint by construction: the base trains on the source half, the task reads the
+    target half (the all-digits base of the fixture is refused: BAD_INPUTS)."""
+    out = tmp_path
+    r = _run('--model', 'resnet20', '--img-size', '8', '--train-base', '--base-epochs', '3', '--task', 'defect',
+             '--classes', '0,1,2', '--epochs', '3', '--ft-epochs', '1', '--batch-size', '16', '--pgd-samples', '16',
+             '--threads', '1', '--pgd-eps', '0.1', '0.5', '--output', str(out / 'defect'))
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / 'defect' / '001' / 'report.json').read_text())
     _assert_matches_pinned(rep, PINNED['defect'], 'defect')
+    assert torch.load(out / 'defect' / '001' / 'base.pt', weights_only=True)['part'] == 'source'
+    # the split sizes of data.dataset_info('digits')['part_splits'], checked image by image by data.check_disjoint
+    assert rep['disjoint'] == dict(source='digits source half', target='digits target half', shared_images=0,
+                                   source_items={'train': 630, 'val': 90, 'test': 179},
+                                   target_items={'train': 629, 'val': 90, 'test': 179})
+    # that base.pt records its half, so it serves as --pretrained for the next defect run
+    r = _run('--model', 'resnet20', '--img-size', '8', '--pretrained', str(out / 'defect' / '001' / 'base.pt'),
+             '--task', 'defect', '--n-classes', '2', '--epochs', '1', '--ft-epochs', '1', '--pgd-samples', '4',
+             '--threads', '1', '--output', str(out / 'defect'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / 'defect' / '002' / 'report.json').read_text())['disjoint']['shared_images'] == 0
     for name in ('standard', 'seam'):
         assert set(rep[name]['by_eps']) == {'0.1', '0.5'}
         for r_eps in rep[name]['by_eps'].values():
