@@ -721,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_blas(const Dims& d, const at:
 // Each call picks its route from the shape: MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one; products
 // under kTuneFlops use aten (fixed costs dominate there); otherwise the first call for a shape key (direction,
 // K, P, Q, L, S, R, dtype, threads and B rounded up to a power of two) times every route on its real inputs
-// (a warm-up, then the best of 2 to 20 runs, more for short products) and keeps the fastest. Decisions are
+// (a warm-up, then interleaved rounds, the best of each route: see measure_routes) and keeps the fastest. Decisions are
 // stored in a small text file beside the build (the path is set by cuda/monarch_ops.py; MONARCH_SEAM_TUNE_FILE overrides it there),
 // whose first line names the CPU model and ISA: a file from another CPU, or one with a damaged line, is
 // ignored (with one warning, from monarch_ops.py) and rewritten. A route the CPU is slow at is thus never chosen, whatever CPU this runs on.
@@ -840,6 +840,33 @@ std::string route_key(const char* dir, const Dims& d, at::ScalarType st) {
   return k.str();
 }
 
+// Times every route on the call's inputs and returns the fastest. Each route is run once to warm up
+// (first-touch allocations, BLAS and thread-pool start), then the routes are timed in interleaved rounds
+// (route 0, 1, 2, route 0, 1, 2, ...) and each keeps its best time: a burst of load from another process
+// then slows one round of every route rather than all the runs of one route, which on a shared machine
+// would decide the choice. At least 3 rounds, more for short products (about 60 ms of runs in all, at most
+// 20 rounds).
+template <class F>
+int measure_routes(F&& run) {
+  double best[kNumRoutes];
+  for (int r = 0; r < kNumRoutes; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run(r);
+    best[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  double round_s = 0;
+  for (double v : best) round_s += v;
+  const int rounds = int(std::max(3.0, std::min(20.0, 0.06 / std::max(round_s, 1e-9))));
+  for (int r = 0; r < kNumRoutes; ++r) best[r] = 1e300;
+  for (int i = 0; i < rounds; ++i)
+    for (int r = 0; r < kNumRoutes; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(r);
+      best[r] = std::min(best[r], std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  return int(std::min_element(best, best + kNumRoutes) - best);
+}
+
 // The route for this call; run(route) executes one route (used to time them on the first call of a key).
 template <class F>
 int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
@@ -884,24 +911,7 @@ int pick_route(const char* dir, const Dims& d, at::ScalarType st, F&& run) {
     auto it = t.table.find(key);
     if (it != t.table.end()) return remember(it->second);
   }
-  int best = kEngine;
-  double best_s = 1e300;
-  for (int r = 0; r < kNumRoutes; ++r) {
-    run(r);  // warm-up: first-touch allocations, BLAS/thread-pool start
-    // best of at least 2 runs, and of more for short products (about 20 ms of runs, at most 20 of them),
-    // where a single scheduler hiccup would otherwise decide
-    double s = 1e300;
-    for (int rep = 0, reps = 2; rep < reps; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run(r);
-      s = std::min(s, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      if (rep == 0) reps = int(std::max(2.0, std::min(20.0, 0.02 / std::max(s, 1e-9))));
-    }
-    if (s < best_s) {
-      best_s = s;
-      best = r;
-    }
-  }
+  const int best = measure_routes(run);
   std::lock_guard<std::mutex> g(t.mu);
   t.table[key] = best;
   t.save();
@@ -986,6 +996,24 @@ std::string cpu_route(const std::string& dir, std::vector<int64_t> dims, at::Sca
   return it == t.table.end() ? std::string() : std::string(kRouteNames[it->second]);
 }
 
+// The route of a forward call with these dims, deciding it now if needed: a key not decided yet is measured on
+// synthetic inputs of the shape (normal x and factors), exactly as the first real call would measure it.
+// cuda/monarch_ops.py asks this once per shape key before choosing between the op and the reference.
+std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st) {
+  TORCH_CHECK(dir == "fwd" || dir == "fwd_h", "_cpu_decide: dir must be fwd or fwd_h, got ", dir);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "_cpu_decide: dtype must be float32 or float64");
+  const std::string known = cpu_route(dir, dims, st);
+  if (!known.empty()) return known;
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  TORCH_CHECK(d.B > 0 && d.K > 0 && d.P > 0 && d.Q > 0 && d.L > 0 && d.S > 0 && d.R > 0 && d.K * d.Q == d.L * d.R,
+              "_cpu_decide: bad dims");
+  auto opt = at::TensorOptions().dtype(st);
+  auto x = at::randn({d.B, d.K * d.P}, opt), w1 = at::randn({d.K, d.Q, d.P}, opt),
+       w2 = at::randn({d.L, d.S, d.R}, opt);
+  const bool keep_h = dir == "fwd_h";
+  return kRouteNames[pick_route(dir.c_str(), d, st, [&](int rr) { fwd_route(rr, d, x, w1, w2, keep_h); })];
+}
+
 void set_tune_file(const std::string& path) {
   Tuner& t = tuner();
   std::lock_guard<std::mutex> g(t.mu);
@@ -1035,6 +1063,8 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   // the CPU Monarch route chosen for a shape: dir in fwd, fwd_h, bwd, bwd_h; "" if not measured yet
   m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
+  // the same, deciding (measuring on synthetic inputs) if not decided yet; dir in fwd, fwd_h
+  m.def("_cpu_decide(str dir, int[] dims, ScalarType dtype) -> str", &cpu_decide);
   // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
   m.def("_set_tune_file(str path) -> ()", &set_tune_file);
   m.def("_load_tune_file() -> str", &load_tune_file);
