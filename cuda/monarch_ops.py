@@ -21,12 +21,16 @@ a shape key (direction: `fwd` without autograd, `fwd_h` with it; the factor shap
 token count rounded up to a power of two) times all three (on synthetic inputs of the shape, interleaved
 rounds, best of each) and keeps the fastest; the decisions are cached in `cpu_routes.txt` beside the build
 (MONARCH_SEAM_TUNE_FILE: elsewhere), so later processes on the same CPU do not measure again.
-`monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key)
-and, where it is `aten`, calls `layers.monarch.monarch_multiply_ref` itself instead of the op: there no
-compiled route is faster than the reference's algorithm, and the reference (with autograd's own backward of
-its bmm calls) then runs without the op's call and autograd-function overheads, so the product is never
-slower than the reference (typically small token counts; at 64 tokens the wrapper alone cost 2-7%). Otherwise
-(`engine` or `blas`) it calls the op, whose backward picks its own route the same way.
+`monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
+with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
+forward takes the two-bmm route; with autograd: the forward or the backward does), calls
+`layers.monarch.monarch_multiply_ref` itself instead of the op. There no compiled route is faster than the
+reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
+calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
+reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise (`engine` or
+`blas`) it calls the op, whose backward takes its own route. Under torch.compile the graph always calls the
+op (a decision cannot be a constant of a graph whose batch size may be symbolic); the op's own route choice
+then applies per call, the `aten` route being the reference's algorithm.
 MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route of the op for every call, the reference branch
 included (e.g. for bit-identical runs across machines, since routes sum in different orders).
 
@@ -180,8 +184,8 @@ selfcheck.register("monarch_multiply", _probe_cases)
 
 # ---------------------------------------------------------------- dispatch by shape (CPU)
 # (grad mode, dtype, rows, w1 shape, w2 shape, threads) -> the route the compiled op takes there, as decided
-# (measured once per key of the op's route choice, cached in cpu_routes.txt). "aten" means that no compiled
-# route beat the reference's own two-bmm algorithm: monarch_multiply then calls the reference itself.
+# (measured once per key of the op's route choice, cached in cpu_routes.txt; see _cpu_decide in monarch.cpp).
+# "aten" means that the reference's own two-bmm algorithm won: monarch_multiply then calls the reference itself.
 _route_memo = {}
 _forced_route = False  # MONARCH_SEAM_CPU_ROUTE is set: every call takes the op (read once, as in the C++ side)
 
@@ -193,27 +197,25 @@ def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
     return torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
 
 
-# under torch.compile: decided while tracing (a constant in the graph)
-_decide_traced = torch.compiler.assume_constant_result(_decide)
-
-
 def cpu_path(x, w1, w2):
     """Which CPU path ``monarch_multiply(x, w1, w2)`` takes in the current grad mode: "ref" (the reference,
     ``layers.monarch.monarch_multiply_ref``, itself) or the compiled op's route ("engine", "aten", "blas").
-    Decides (measures) the route if this shape has not been seen; see the module docstring."""
+    Decides (measures) the route if this shape has not been seen; see the module docstring. While
+    torch.compile traces it is "op": the compiled op, which picks its route per call at run time."""
+    if torch.compiler.is_compiling():
+        # in a compiled graph the op itself (whose route is decided per call at run time): a route decision
+        # cannot be a constant of a graph whose batch size may be symbolic (dynamic shapes)
+        return "op"
     if not _registered:
         _register()
     need_grad = (x.requires_grad or w1.requires_grad or w2.requires_grad) and torch.is_grad_enabled()
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if torch.compiler.is_compiling():
-        route = _decide_traced(need_grad, x.dtype, rows, tuple(w1.shape), tuple(w2.shape))
-    else:
-        key = (need_grad, x.dtype, rows, w1.shape, w2.shape, torch.get_num_threads())
-        route = _route_memo.get(key)
-        if route is None:
-            if len(_route_memo) > 4096:  # e.g. inference over many sequence lengths: keep it bounded
-                _route_memo.clear()
-            route = _route_memo[key] = _decide(*key[:5])
+    key = (need_grad, x.dtype, rows, w1.shape, w2.shape, torch.get_num_threads())
+    route = _route_memo.get(key)
+    if route is None:
+        if len(_route_memo) > 4096:  # e.g. inference over many sequence lengths: keep it bounded
+            _route_memo.clear()
+        route = _route_memo[key] = _decide(*key[:5])
     return "ref" if route == "aten" and not _forced_route else route
 
 
