@@ -28,9 +28,10 @@ forward takes the two-bmm route; with autograd: the forward or the backward does
 reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
 calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
 reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise (`engine` or
-`blas`) it calls the op, whose backward takes its own route. Under torch.compile the graph always calls the
-op (a decision cannot be a constant of a graph whose batch size may be symbolic); the op's own route choice
-then applies per call, the `aten` route being the reference's algorithm.
+`blas`) it calls the op, whose backward takes its own route. Products under 4 MFLOP (not measured) take the
+op's `aten` route: there the op's C++ calls cost less than the reference's Python ones. Under torch.compile the
+graph always calls the op (a decision cannot be a constant of a graph whose batch size may be symbolic); the
+op's own route choice then applies per call, its `aten` route being the reference's algorithm.
 MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route of the op for every call, the reference branch
 included (e.g. for bit-identical runs across machines, since routes sum in different orders).
 
@@ -185,16 +186,20 @@ selfcheck.register("monarch_multiply", _probe_cases)
 # ---------------------------------------------------------------- dispatch by shape (CPU)
 # (grad mode, dtype, rows, w1 shape, w2 shape, threads) -> the route the compiled op takes there, as decided
 # (measured once per key of the op's route choice, cached in cpu_routes.txt; see _cpu_decide in monarch.cpp).
-# "aten" means that the reference's own two-bmm algorithm won: monarch_multiply then calls the reference itself.
+# "ref" where the reference's own two-bmm algorithm won there: monarch_multiply then calls the reference itself.
 _route_memo = {}
 _forced_route = False  # MONARCH_SEAM_CPU_ROUTE is set: every call takes the op (read once, as in the C++ side)
+_TUNE_FLOPS = 4e6  # products under this take the op's aten route without measuring (kTuneFlops in monarch.cpp)
 
 
 def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
-    if dtype not in (torch.float32, torch.float64) or rows == 0:
-        return "aten"  # other dtypes run the op (float32 inside); an empty batch is the op's trivial case
     (k, q, p), (l, s, r) = w1_shape, w2_shape
-    return torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
+    if dtype not in (torch.float32, torch.float64) or 2.0 * rows * (k * q * p + l * s * r) < _TUNE_FLOPS:
+        # other dtypes: the op (float32 inside); small products: the op's two-bmm route, whose C++ calls cost
+        # less than the reference's Python ones (the reference's algorithm, without its per-call overhead)
+        return "aten"
+    route = torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
+    return "ref" if route == "aten" and not _forced_route else route
 
 
 def cpu_path(x, w1, w2):
@@ -216,14 +221,14 @@ def cpu_path(x, w1, w2):
         if len(_route_memo) > 4096:  # e.g. inference over many sequence lengths: keep it bounded
             _route_memo.clear()
         route = _route_memo[key] = _decide(*key[:5])
-    return "ref" if route == "aten" and not _forced_route else route
+    return route
 
 
 def monarch_multiply(x, w1, w2):
     """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
     K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the path is picked per call from the
     shape (see ``cpu_path`` and the module docstring): where no compiled route beats the reference's two-bmm
-    algorithm (always for products under 4 MFLOP) this calls ``layers.monarch.monarch_multiply_ref`` itself,
+    algorithm this calls ``layers.monarch.monarch_multiply_ref`` itself,
     so the result is the reference's, bit for bit, at its speed. Raises NotImplementedError for a
     device it has no kernel for, and selfcheck.SelfCheckFailed (a NotImplementedError) where the kernel failed
     its self-check."""

@@ -685,7 +685,7 @@ def test_monarch_cpu_dispatch_by_shape(ops, tmp_path):
              {"fwd": "aten", "fwd_h": "engine", "bwd_h": "aten"}, "ref", "ref"),
             ("ref in training where fwd_h chooses aten", (2, 48, 64, 4, 40, 24), [600],
              {"fwd": "blas", "fwd_h": "aten", "bwd_h": "engine"}, "blas", "ref"),
-            ("under 4 MFLOP: always the reference", (4, 8, 8, 4, 8, 8), [7], {}, "ref", "ref")]
+            ("under 4 MFLOP: the op's aten route", (4, 8, 8, 4, 8, 8), [7], {}, "aten", "aten")]
     lines = []
     for name, (k, q, p, l, s, r), lead, routes, _, _ in spec:
         rows = math.prod(lead)
