@@ -16,11 +16,12 @@ Fake (meta) kernels and autograd formulas are registered here, so the ops work u
 How a CPU call picks its path, from the shape (cuda/monarch.cpp, "routes" and "route choice"): three compiled
 routes compute the same product: `engine` (the hand-written packed-GEMM engine, permutations read in place),
 `aten` (the two-bmm algorithm of the reference, through ATen) and `blas` (the BLAS torch ships, MKL or
-OpenBLAS, on strided sub-matrices). Products of under 4 MFLOP take `aten`. For larger ones, the first call of
-a shape key (direction: `fwd` without autograd, `fwd_h` with it; the factor shapes, dtype, thread count and the
-token count rounded up to a power of two) times all three (on synthetic inputs of the shape, interleaved
-rounds, best of each) and keeps the fastest; the decisions are cached in `cpu_routes.txt` beside the build
-(MONARCH_SEAM_TUNE_FILE: elsewhere), so later processes on the same CPU do not measure again.
+OpenBLAS, for the block products, by row tiles in L2). Products of under 4 MFLOP take `aten`. For larger ones,
+the first call of a shape key (direction: `fwd` without autograd, `fwd_h` with it; the factor shapes, dtype,
+thread count and the token count rounded up to a power of two) times all three (on synthetic inputs of the
+shape, interleaved rounds, best of each) and keeps the fastest (`aten` unless another route beats it by 5%);
+the decisions are cached in `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later
+processes on the same CPU do not measure again.
 `monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
 with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
 forward takes the two-bmm route; with autograd: the forward or the backward does), calls
