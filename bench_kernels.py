@@ -19,14 +19,17 @@ the script says why and benchmarks the rest.
 The dense baseline of every measurement is the faster of F.linear (MKL, which takes its AVX2 code path on
 AMD CPUs) and the same layer through oneDNN (`dense_onednn`: torch's packed-weight linear, AVX-512 wherever
 the CPU has it); the `baseline` column names it and speedup / ratio is computed against it. The `route`
-column names the CPU route the Monarch kernel chose for the shape (see cuda/monarch.cpp, "route choice"):
+column names the CPU route the Monarch kernel chose for the shape (see cuda/monarch.cpp, "route choice"), or
+`ref` where `monarch_multiply` calls the reference itself there (cuda/monarch_ops.py, dispatch by shape):
 it is measured on the first call of a shape and cached; delete the cache file (cuda/build.cpu_build_dir(),
 cpu_routes.txt) to measure again on a quiet machine.
 
 On Linux a fresh multi-MiB output tensor costs its page faults on first touch (measured here: 24 ms for a
 4096 x 3072 float32 tensor against 1.5 ms to refill an existing one), which weighs on every method alike and
 on the faster ones most; torch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large CPU allocations) removes most
-of it. The header line and the JSON say whether it was set.
+of it. The header line and the JSON say whether it was set. The compiled Monarch op allocates its outputs of
+4 MiB and more on huge pages itself whatever the setting (cuda/monarch.cpp, empty_out); F.linear and the
+reference do so only when it is set.
 """
 import argparse
 import json
@@ -158,6 +161,11 @@ def kernel_route(monarch_ops, case, mode):
     m = MonarchLinear(fin, fout, nb, bias=False, impl="ref")
     (k, q, p), (l, s, r) = m.blkdiag1.shape, m.blkdiag2.shape
     dims = [tokens, k, p, q, l, s, r]
+    # monarch_multiply calls the reference itself where the op's choice is the two-bmm route (cuda/monarch_ops.py)
+    path = monarch_ops.cpu_path(torch.empty(tokens, k * p), torch.empty(k, q, p), torch.empty(l, s, r).requires_grad_(
+        mode != "fwd"))
+    if path == "ref":
+        return "ref"
     if mode == "fwd":
         return torch.ops.monarch_seam.cpu_route("fwd", dims, torch.float32)
     return "+".join(torch.ops.monarch_seam.cpu_route(d, dims, torch.float32) for d in ("fwd_h", "bwd_h"))
@@ -287,7 +295,8 @@ def main():
                         speedup = times[base] / ms
                         ratio = dense_flops / flops
                         vs_ref = times["monarch_ref"] / ms if method.startswith("monarch") else float("nan")
-                        route = kernel_route(monarch_ops, case, mode) if method == "monarch_kernel" else ""
+                        route = (kernel_route(monarch_ops, case, mode)
+                                 if method == "monarch_kernel" and device == "cpu" else "")
                         row = dict(device=device, tokens=case[0], fin=case[1], fout=case[2], nblocks=case[3],
                                    dtype=dt, mode=mode, method=method, ms=ms, gflops=flops / ms / 1e6,
                                    baseline=base, speedup=speedup, flop_ratio=ratio,

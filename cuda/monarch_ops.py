@@ -13,15 +13,28 @@ Same math as `layers.monarch.monarch_multiply_ref`. Ops (schemas in cuda/monarch
 Fake (meta) kernels and autograd formulas are registered here, so the ops work under
 `torch.compile(fullgraph=True)` and pass `torch.library.opcheck`.
 
-How the CPU op picks its path, per call, from the shape (cuda/monarch.cpp, "routes" and "route choice"):
-three routes compute the same product: `engine` (the hand-written packed-GEMM engine, permutations read in
-place), `aten` (the two-bmm algorithm of the reference, through ATen) and `blas` (the BLAS torch ships, MKL
-or OpenBLAS, on strided sub-matrices). Products of under 4 MFLOP take `aten`. For larger ones, the first call
-of a shape key (direction, the factor shapes, dtype, thread count and the token count rounded up to a power
-of two) times all three on its real inputs and keeps the fastest; the decisions are cached in
-`cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later processes on the same CPU do
-not measure again. MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route (e.g. for bit-identical runs
-across machines, since routes sum in different orders).
+How a CPU call picks its path, from the shape (cuda/monarch.cpp, "routes" and "route choice"): three compiled
+routes compute the same product: `engine` (the hand-written packed-GEMM engine, permutations read in place),
+`aten` (the two-bmm algorithm of the reference, through ATen) and `blas` (the BLAS torch ships, MKL or
+OpenBLAS, for the block products, by row tiles in L2). Products of under 4 MFLOP take `aten`. For larger ones,
+the first call of a shape key (direction: `fwd` without autograd, `fwd_h` with it; the factor shapes, dtype,
+thread count and the token count rounded up to a power of two) times all three (on synthetic inputs of the
+shape, interleaved rounds, best of each) and keeps the fastest (`aten` unless another route beats it by 5%);
+the decisions are cached in `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later
+processes on the same CPU do not measure again.
+`monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
+with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
+forward takes the two-bmm route; with autograd: the forward or the backward does), calls
+`layers.monarch.monarch_multiply_ref` itself instead of the op. There no compiled route is faster than the
+reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
+calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
+reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise (`engine` or
+`blas`) it calls the op, whose backward takes its own route. Products under 4 MFLOP (not measured) take the
+op's `aten` route: there the op's C++ calls cost less than the reference's Python ones. Under torch.compile the
+graph always calls the op (a decision cannot be a constant of a graph whose batch size may be symbolic); the
+op's own route choice then applies per call, its `aten` route being the reference's algorithm.
+MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route of the op for every call, the reference branch
+included (e.g. for bit-identical runs across machines, since routes sum in different orders).
 
 Self-check (cuda/selfcheck.py): before `monarch_multiply` first computes on a (device, dtype) it runs
 `_probe_cases` (square, rectangular, non-divisible and larger-than-a-tile factors, few and many rows)
@@ -35,6 +48,7 @@ import warnings
 import torch
 
 from cuda import build, selfcheck
+from layers.monarch import _monarch_product, monarch_multiply_ref
 
 _registered = False
 
@@ -89,6 +103,8 @@ def _register():
     if problem:
         warnings.warn(f"monarch_seam: ignoring the CPU route cache {path}: {problem}; routes are measured "
                       "again and the file is rewritten", RuntimeWarning, stacklevel=3)
+    global _forced_route
+    _forced_route = os.environ.get("MONARCH_SEAM_CPU_ROUTE", "auto") not in ("", "auto")
     lib = "monarch_seam::"
     torch.library.register_fake(lib + "monarch_fwd")(_fwd_fake)
     torch.library.register_fake(lib + "monarch_fwd_h")(_fwd_h_fake)
@@ -125,7 +141,8 @@ def _check(x, w1, w2):
                          f"{tuple(w2.shape)}")
     if not (x.dtype == w1.dtype == w2.dtype):
         raise ValueError(f"monarch_multiply: x, w1, w2 dtypes differ ({x.dtype}, {w1.dtype}, {w2.dtype})")
-    if not (x.device == w1.device == w2.device):
+    # (is_cpu first: building three torch.device objects costs more than a small product's dispatch)
+    if not (x.is_cpu and w1.is_cpu and w2.is_cpu) and not (x.device == w1.device == w2.device):
         raise ValueError("monarch_multiply: x, w1, w2 must be on one device")
 
 
@@ -148,7 +165,6 @@ def _probe_cases(device, dtype):
     4 MFLOP threshold (ATen two-bmm route), the large one (4.5 MFLOP) above it, where the route it measures
     fastest is the one checked; MONARCH_SEAM_CPU_ROUTE=engine|aten|blas puts every case on one route (the tests
     probe each). On CUDA every GEMM of the plan runs, on WMMA tiles for fp16/bf16."""
-    from layers.monarch import monarch_multiply_ref
     spec = [("square 32->32, 8 rows", (4, 8, 8, 4, 8, 8), (8,)),
             ("rectangular 24->96, 70 rows", (4, 6, 6, 4, 24, 6), (70,)),
             ("non-divisible 37->100, 5 rows in (5, 1) batch", (3, 13, 13, 3, 34, 13), (5, 1)),
@@ -168,22 +184,69 @@ def _probe_cases(device, dtype):
 selfcheck.register("monarch_multiply", _probe_cases)
 
 
+# ---------------------------------------------------------------- dispatch by shape (CPU)
+# (grad mode, dtype, rows, w1 shape, w2 shape, threads) -> the route the compiled op takes there, as decided
+# (measured once per key of the op's route choice, cached in cpu_routes.txt; see _cpu_decide in monarch.cpp).
+# "ref" where the reference's own two-bmm algorithm won there: monarch_multiply then calls the reference itself.
+_route_memo = {}
+_forced_route = False  # MONARCH_SEAM_CPU_ROUTE is set: every call takes the op (read once, as in the C++ side)
+_TUNE_FLOPS = 4e6  # products under this take the op's aten route without measuring (kTuneFlops in monarch.cpp)
+
+
+def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
+    (k, q, p), (l, s, r) = w1_shape, w2_shape
+    if dtype not in (torch.float32, torch.float64) or 2.0 * rows * (k * q * p + l * s * r) < _TUNE_FLOPS:
+        # other dtypes: the op (float32 inside); small products: the op's two-bmm route, whose C++ calls cost
+        # less than the reference's Python ones (the reference's algorithm, without its per-call overhead)
+        return "aten"
+    route = torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
+    return "ref" if route == "aten" and not _forced_route else route
+
+
+def cpu_path(x, w1, w2):
+    """Which CPU path ``monarch_multiply(x, w1, w2)`` takes in the current grad mode: "ref" (the reference,
+    ``layers.monarch.monarch_multiply_ref``, itself) or the compiled op's route ("engine", "aten", "blas";
+    "aten" for products under 4 MFLOP and dtypes other than float32/float64).
+    Decides (measures) the route if this shape has not been seen; see the module docstring. While
+    torch.compile traces it is "op": the compiled op, which picks its route per call at run time."""
+    if torch.compiler.is_compiling():
+        # in a compiled graph the op itself (whose route is decided per call at run time): a route decision
+        # cannot be a constant of a graph whose batch size may be symbolic (dynamic shapes)
+        return "op"
+    if not _registered:
+        _register()
+    need_grad = (x.requires_grad or w1.requires_grad or w2.requires_grad) and torch.is_grad_enabled()
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    key = (need_grad, x.dtype, rows, w1.shape, w2.shape, torch.get_num_threads())
+    route = _route_memo.get(key)
+    if route is None:
+        if len(_route_memo) > 4096:  # e.g. inference over many sequence lengths: keep it bounded
+            _route_memo.clear()
+        route = _route_memo[key] = _decide(*key[:5])
+    return route
+
+
 def monarch_multiply(x, w1, w2):
     """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
-    K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the route (engine, aten or blas)
-    is picked per call from the shape, as the module docstring describes. Raises NotImplementedError for a
-    device it has no kernel for, and selfcheck.SelfCheckFailed (a NotImplementedError) where the kernel failed
-    its self-check."""
+    K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the path is picked per call from the
+    shape (see ``cpu_path`` and the module docstring): where no compiled route beats the reference's two-bmm
+    algorithm by 5% (measured once per shape key, for the backward too when autograd is on) this calls
+    ``layers.monarch.monarch_multiply_ref`` itself, so the result is the reference's, bit for bit, at its speed;
+    products under 4 MFLOP take the op's two-bmm route. Raises NotImplementedError for a device it has no kernel
+    for, and selfcheck.SelfCheckFailed (a NotImplementedError) where the kernel failed its self-check."""
     _check(x, w1, w2)
     # Plain global flags first, so that torch.compile only sees the op call once things are loaded.
     if not _registered:
         _register()
-    if x.device.type == "cuda":
+    if x.is_cpu:
+        if cpu_path(x, w1, w2) == "ref":
+            return _monarch_product(x, w1, w2)  # monarch_multiply_ref, its checks made above
+    elif x.is_cuda:
         if not build.cuda_loaded():
             ok, err = build.load_cuda()
             if not ok:  # NotImplementedError: the layers' documented signal to fall back to the reference
                 raise NotImplementedError(f"monarch_seam CUDA kernels unavailable: {err}")
-    elif x.device.type != "cpu":
+    else:
         raise NotImplementedError(f"no monarch_seam kernel for device {x.device.type!r}")
     selfcheck.ensure("monarch_multiply", x.device, x.dtype)
     return _kernel_multiply(x, w1, w2)

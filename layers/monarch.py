@@ -90,6 +90,11 @@ def monarch_multiply_ref(x, w1, w2):
         (..., l*s). Differentiable in all three arguments. Uses ``torch.matmul`` so autocast applies.
     """
     _check_factors(x, w1, w2)
+    return _monarch_product(x, w1, w2)
+
+
+def _monarch_product(x, w1, w2):
+    """``monarch_multiply_ref`` without the argument checks (for callers that have made them)."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     batch_shape = x.shape[:-1]

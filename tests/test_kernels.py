@@ -602,6 +602,115 @@ def test_torch_compile_fullgraph_large_shape_routes(ops, route):
     assert f"COMPILE_OK {route}" in res.stdout, res.stdout
 
 
+# Dispatch by shape (cuda/monarch_ops.py): with a prepared route file, each branch is taken where its route
+# decision says so, and each equals the reference: the "ref" branch bit for bit (it is the reference), the op's
+# routes within the dtype tolerance; gradcheck (fast mode) of each branch; torch.compile(fullgraph=True), whose
+# graph calls the op (on the large shapes' routes of the file), with a second batch size (dynamic shapes) too.
+DISPATCH_SCRIPT = """
+import json, math, torch
+from cuda import monarch_ops
+from layers.monarch import monarch_multiply_ref
+assert monarch_ops.kernel_available()[0]
+cases = json.loads(CASES)
+worst, paths = 0.0, []
+for name, (k, q, p, l, s, r), lead, want_nograd, want_grad in cases:
+    for dt in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(len(name))
+        w1 = torch.randn(k, q, p, dtype=dt, generator=g) / math.sqrt(p)
+        w2 = torch.randn(l, s, r, dtype=dt, generator=g) / math.sqrt(r)
+        x = torch.randn(*lead, k * p, dtype=dt, generator=g)
+        gr = torch.randn(*lead, l * s, dtype=dt, generator=g)
+        with torch.no_grad():
+            path = monarch_ops.cpu_path(x, w1, w2)
+            got, want = monarch_ops.monarch_multiply(x, w1, w2), monarch_multiply_ref(x, w1, w2)
+        res = [[got], [want]]
+        args = [t.clone().requires_grad_() for t in (x, w1, w2)]
+        gpath = monarch_ops.cpu_path(*args)
+        for i, fn in enumerate((monarch_ops.monarch_multiply, monarch_multiply_ref)):
+            args = [t.clone().requires_grad_() for t in (x, w1, w2)]
+            y = fn(*args)
+            res[i] += [y] + list(torch.autograd.grad(y, args, gr))
+        paths.append([name, str(dt), path, gpath])
+        assert (path, gpath) == (want_nograd, want_grad), (name, dt, path, gpath)
+        for j, (a, b) in enumerate(zip(*res)):
+            # the no-grad half and the autograd half are checked separately, each on its own branch
+            if (path if j == 0 else gpath) == "ref":
+                assert torch.equal(a, b), (name, dt, j)
+            worst = max(worst, ((a - b).abs().max() / b.abs().max()).item() / (2e-5 if dt == torch.float32 else 1e-12))
+# gradcheck of each branch (fast mode: random projections, the inputs are large)
+for name, (k, q, p, l, s, r), lead, _, _ in cases:
+    g = torch.Generator().manual_seed(7)
+    args = [torch.randn(*lead, k * p, dtype=torch.float64, generator=g).requires_grad_(),
+            (torch.randn(k, q, p, dtype=torch.float64, generator=g) / math.sqrt(p)).requires_grad_(),
+            (torch.randn(l, s, r, dtype=torch.float64, generator=g) / math.sqrt(r)).requires_grad_()]
+    assert torch.autograd.gradcheck(monarch_ops.monarch_multiply, args, fast_mode=True), name
+# torch.compile: in eager the first product takes the op, the second the reference; compiled, both take the op
+def two(x, w1, w2, v1, v2):
+    y = monarch_ops.monarch_multiply(x, w1, w2)  # K4 P25 Q20 L4 S75 R20, 300 rows: fwd_h blas, bwd_h engine
+    return monarch_ops.monarch_multiply(y[..., :150].reshape(-1, 150), v1, v2).sum()  # 400 rows: engine, aten
+name, (k, q, p, l, s, r), lead, _, _ = cases[0]
+g = torch.Generator().manual_seed(11)
+ws = [(torch.randn(k, q, p, generator=g) / math.sqrt(p)).requires_grad_(),
+      (torch.randn(l, s, r, generator=g) / math.sqrt(r)).requires_grad_(),
+      (torch.randn(3, 30, 50, generator=g) / math.sqrt(50)).requires_grad_(),
+      (torch.randn(3, 30, 30, generator=g) / math.sqrt(30)).requires_grad_()]
+fn = torch.compile(two, fullgraph=True, backend="aot_eager")
+for rows in (lead, [2, 100]):  # a second batch size: recompiled, possibly with a symbolic one
+    x = torch.randn(*rows, k * p, generator=g)
+    got = fn(x, *ws)
+    g_got = torch.autograd.grad(got, ws)
+    want = two(x, *ws)
+    g_want = torch.autograd.grad(want, ws)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+print(json.dumps({"worst": worst, "paths": paths, "compiled_route": torch.ops.monarch_seam.cpu_route(
+    "fwd_h", [300, k, p, q, l, s, r], torch.float32)}))
+"""
+
+
+def _fnv1a(text):
+    h = 1469598103934665603
+    for c in text.encode():
+        h = ((h ^ c) * 1099511628211) % (1 << 64)
+    return f"{h:x}"
+
+
+def test_monarch_cpu_dispatch_by_shape(ops, tmp_path):
+    # (name, (k, q, p, l, s, r), leading batch, routes written to the file as {dir: route}, expected cpu_path
+    # without and with autograd). Threads are fixed at 2 so that the keys below are the ones looked up.
+    spec = [("op", (4, 20, 25, 4, 75, 20), [3, 100], {"fwd": "engine", "fwd_h": "blas", "bwd_h": "engine"},
+             "engine", "blas"),
+            ("ref where fwd and bwd choose aten", (3, 30, 50, 3, 30, 30), [400],
+             {"fwd": "aten", "fwd_h": "engine", "bwd_h": "aten"}, "ref", "ref"),
+            ("ref in training where fwd_h chooses aten", (2, 48, 64, 4, 40, 24), [600],
+             {"fwd": "blas", "fwd_h": "aten", "bwd_h": "engine"}, "blas", "ref"),
+            ("under 4 MFLOP: the op's aten route", (4, 8, 8, 4, 8, 8), [7], {}, "aten", "aten")]
+    lines = []
+    for name, (k, q, p, l, s, r), lead, routes, _, _ in spec:
+        rows = math.prod(lead)
+        bucket = 1 << (rows - 1).bit_length()
+        for dt in ("Float", "Double"):
+            for d, route in routes.items():
+                body = f"{d} B<={bucket} K{k} P{p} Q{q} L{l} S{s} R{r} {dt} t2\t{route}"
+                lines.append(f"{body}\t{_fnv1a(body)}")
+    cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+               if ln.startswith("model name"))
+    path = tmp_path / "routes.txt"
+    path.write_text("\n".join([f"monarch_seam cpu routes v1\t{cpu}|{torch.ops.monarch_seam.cpu_isa()}"] + lines)
+                    + "\n")
+    cases = json.dumps([[n, sh, lead, a, b] for n, sh, lead, _, a, b in spec])
+    env = dict(os.environ, MONARCH_SEAM_TUNE_FILE=str(path), OMP_NUM_THREADS="2")
+    env.pop("MONARCH_SEAM_CPU_ROUTE", None)
+    res = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + DISPATCH_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["worst"] <= 1.0, out
+    assert len(out["paths"]) == 2 * len(spec), out
+    assert out["compiled_route"] == "blas", out  # the large-shape route the compiled graph's op took
+
+
 FALLBACK = """
 import warnings, torch
 from layers.monarch import monarch_multiply, monarch_multiply_ref
