@@ -160,6 +160,25 @@ def test_resume_is_bit_exact(tmp_path):
     assert a['scheduler']['last_epoch'] == b['scheduler']['last_epoch'] == 6
 
 
+@pytest.mark.parametrize('threads', ['0', '1'])
+def test_cpu_training_runs_in_deterministic_mode(tmp_path, monkeypatch, threads):
+    # The settings README "Reproducibility and failures" relies on: during a CPU run deterministic algorithms are on
+    # and the thread count is the one asked for (0 = cores / local processes; the thread-count-dependent reductions
+    # listed there are split by it); both are restored when the run returns.
+    seen, evaluate = [], tvm.evaluate
+
+    def spy(*a, **k):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()))
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(tvm, 'evaluate', spy)
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    run_inproc('--epochs', '1', '--threads', threads, '--output', str(tmp_path), *TINY)
+    want = int(threads) or max(1, (os.cpu_count() or 1))
+    assert seen and all(s == (True, want) for s in seen), seen
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
 def _user_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
         common.run_main(lambda: tvm.main(list(argv)))
