@@ -705,12 +705,14 @@ void fwd_blas_impl(const Dims& d, const at::Tensor& x, const at::Tensor& w1, con
   auto opt = x.options();
   T* outp = out.data_ptr<T>();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor hb = hsave ? at::Tensor() : at::empty({tile * KQ}, opt);
-    at::Tensor gb = d.L > 1 ? at::empty({tile * KQ}, opt) : at::Tensor();
-    at::Tensor ob = d.L > 1 ? at::empty({d.L * tile * sc}, opt) : at::Tensor();
+    // tile buffers from the worker's kept scratch (see Scratch): fresh tensors per call were freed and faulted
+    // in again on every call, which made this route's speed depend on the allocator's state
+    T* hb = hsave ? nullptr : scratch<T>(kHbuf, tile * KQ);
+    T* gp = d.L > 1 ? scratch<T>(kBb, tile * KQ) : nullptr;
+    T* obp = d.L > 1 ? scratch<T>(kObuf, d.L * tile * sc) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
-      T* hp = hsave ? hsave + b0 * KQ : hb.data_ptr<T>();
+      T* hp = hsave ? hsave + b0 * KQ : hb;
       auto H = at::from_blob(hp, {tb, KQ}, opt);
       auto xt = x.narrow(0, b0, tb);
       for (int64_t k = 0; k < d.K; ++k)
@@ -719,15 +721,14 @@ void fwd_blas_impl(const Dims& d, const at::Tensor& x, const at::Tensor& w1, con
         mm_into(out.narrow(0, b0, tb), H, w2.select(0, 0).t());
         continue;
       }
-      T* gp = gb.data_ptr<T>();
       e.dil(tb, d.L, d.R, hp, KQ, gp, tb * d.R);  // G[l, i, r] = h[b0 + i, r*L + l]
       auto G = at::from_blob(gp, {d.L, tb, d.R}, opt);
       for (int64_t s0 = 0; s0 < d.S; s0 += sc) {
         const int64_t sn = std::min(sc, d.S - s0);
-        auto O = at::from_blob(ob.data_ptr<T>(), {d.L, tb, sn}, opt);
+        auto O = at::from_blob(obp, {d.L, tb, sn}, opt);
         for (int64_t l = 0; l < d.L; ++l)
           mm_into(O.select(0, l), G.select(0, l), w2.select(0, l).narrow(0, s0, sn).t());
-        e.il(tb, d.L, sn, ob.data_ptr<T>(), tb * sn, outp + b0 * LS + s0 * d.L, LS);
+        e.il(tb, d.L, sn, obp, tb * sn, outp + b0 * LS + s0 * d.L, LS);
       }
     }
   });
@@ -764,10 +765,13 @@ void bwd_blas_impl(const Dims& d, const at::Tensor& g, const at::Tensor& x, cons
   const int64_t ntiles = (d.B + tile - 1) / tile;
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nth, ntiles)), per_ch = (ntiles + nch - 1) / nch;
   auto opt = x.options();
-  auto acc1 = at::empty({nch, d.K, d.Q, d.P}, opt), acc2 = at::empty({nch, d.L, d.S, d.R}, opt);
+  // All buffers come from the kept scratch (see Scratch and fwd_blas_impl): the per-chunk sums in the calling
+  // thread's weight slots (this route packs no weights), the tile buffers in each worker's tile slots.
+  auto acc1 = at::from_blob(scratch<T>(kW1, nch * d.K * d.Q * d.P), {nch, d.K, d.Q, d.P}, opt);
+  auto acc2 = at::from_blob(scratch<T>(kW2, nch * d.L * d.S * d.R), {nch, d.L, d.S, d.R}, opt);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor gb = at::empty({tile * LS}, opt), hb = at::empty({tile * KQ}, opt), hs = at::empty({tile * KQ}, opt),
-               ds = at::empty({tile * KQ}, opt), dhb = at::empty({tile * KQ}, opt);
+    T *gs = scratch<T>(kBb, tile * LS), *hbp = scratch<T>(kHbuf, tile * KQ), *hsp = scratch<T>(kObuf, tile * KQ),
+      *dsp = scratch<T>(kDsb, tile * KQ), *dhbp = scratch<T>(kDh, tile * KQ);
     for (int64_t c = c0; c < c1; ++c) {
       auto a1 = acc1.select(0, c), a2 = acc2.select(0, c);
       const int64_t tbeg = c * per_ch, tend = std::min(ntiles, tbeg + per_ch);
@@ -779,14 +783,13 @@ void bwd_blas_impl(const Dims& d, const at::Tensor& g, const at::Tensor& x, cons
         const bool first = t == tbeg;
         const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
         auto xt = x.narrow(0, b0, tb);
-        const T* hp = hsaved ? hsaved + b0 * KQ : hb.data_ptr<T>();
+        const T* hp = hsaved ? hsaved + b0 * KQ : hbp;
         if (!hsaved) {
-          auto H = at::from_blob(hb.data_ptr<T>(), {tb, KQ}, opt);
+          auto H = at::from_blob(hbp, {tb, KQ}, opt);
           for (int64_t k = 0; k < d.K; ++k)
             mm_into(H.narrow(1, k * d.Q, d.Q), xt.narrow(1, k * d.P, d.P), w1.select(0, k).t());
         }
         const T* gp = g.data_ptr<T>() + b0 * LS;
-        T *gs = gb.data_ptr<T>(), *hsp = hs.data_ptr<T>(), *dsp = ds.data_ptr<T>();
         if (d.L > 1) {
           e.dil(tb, d.L, d.S, gp, LS, gs, tb * d.S);   // G[l, i, s] = g[b0 + i, s*L + l]
           e.dil(tb, d.L, d.R, hp, KQ, hsp, tb * d.R);  // Hs[l, i, r] = h[b0 + i, r*L + l]
@@ -802,7 +805,7 @@ void bwd_blas_impl(const Dims& d, const at::Tensor& g, const at::Tensor& x, cons
         }
         T* dhp = dsp;  // L == 1: dS is dh in natural layout
         if (d.L > 1) {
-          dhp = dhb.data_ptr<T>();
+          dhp = dhbp;
           e.il(tb, d.L, d.R, dsp, tb * d.R, dhp, KQ);  // dh[i, r*L + l] = dS[l, i, r]
         }
         auto DH = at::from_blob(dhp, {tb, KQ}, opt);
@@ -959,8 +962,8 @@ std::string route_key(const char* dir, const Dims& d, at::ScalarType st) {
 // (first-touch allocations, BLAS and thread-pool start), then the routes are timed in interleaved rounds
 // (route 0, 1, 2, route 0, 1, 2, ...) and each keeps its best time: a burst of load from another process
 // then slows one round of every route rather than all the runs of one route, which on a shared machine
-// would decide the choice. At least 3 rounds, more for short products (about 60 ms of runs in all, at most
-// 20 rounds). The two-bmm route wins unless another is faster by more than kMargin.
+// would decide the choice. At least 5 rounds (this machine's capacity was seen to change in streaks of a
+// second or so, by up to 40%), more for short products (about 60 ms of runs in all, at most 20 rounds). The two-bmm route wins unless another is faster by more than kMargin.
 constexpr double kMargin = 0.05;
 
 template <class F>
@@ -973,7 +976,7 @@ int measure_routes(F&& run) {
   }
   double round_s = 0;
   for (double v : best) round_s += v;
-  const int rounds = int(std::max(3.0, std::min(20.0, 0.06 / std::max(round_s, 1e-9))));
+  const int rounds = int(std::max(5.0, std::min(20.0, 0.06 / std::max(round_s, 1e-9))));
   for (int r = 0; r < kNumRoutes; ++r) best[r] = 1e300;
   for (int i = 0; i < rounds; ++i)
     for (int r = 0; r < kNumRoutes; ++r) {
