@@ -156,19 +156,13 @@ def make_runners(case, dtype, device, kernel_ok, bfly_ok, monarch_ops):
 
 
 def kernel_route(monarch_ops, case, mode):
-    """The CPU route(s) the compiled op took for this case: fwd, or fwd_h+bwd_h for a training step."""
+    """The CPU path the compiled op took for this case: "ref" (monarch_multiply called the reference itself),
+    the forward's route, or fwd_h+bwd_h routes for a training step (cuda/monarch_ops.cpu_path)."""
     tokens, fin, fout, nb = case
     m = MonarchLinear(fin, fout, nb, bias=False, impl="ref")
     (k, q, p), (l, s, r) = m.blkdiag1.shape, m.blkdiag2.shape
-    dims = [tokens, k, p, q, l, s, r]
-    # monarch_multiply calls the reference itself where the op's choice is the two-bmm route (cuda/monarch_ops.py)
-    path = monarch_ops.cpu_path(torch.empty(tokens, k * p), torch.empty(k, q, p), torch.empty(l, s, r).requires_grad_(
-        mode != "fwd"))
-    if path == "ref":
-        return "ref"
-    if mode == "fwd":
-        return torch.ops.monarch_seam.cpu_route("fwd", dims, torch.float32)
-    return "+".join(torch.ops.monarch_seam.cpu_route(d, dims, torch.float32) for d in ("fwd_h", "bwd_h"))
+    return monarch_ops.cpu_path(torch.empty(tokens, k * p), torch.empty(k, q, p),
+                                torch.empty(l, s, r).requires_grad_(mode != "fwd"))
 
 
 def end_to_end(args, kernel_ok, min_time):

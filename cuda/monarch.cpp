@@ -962,8 +962,10 @@ std::string route_key(const char* dir, const Dims& d, at::ScalarType st) {
 // (first-touch allocations, BLAS and thread-pool start), then the routes are timed in interleaved rounds
 // (route 0, 1, 2, route 0, 1, 2, ...) and each keeps its best time: a burst of load from another process
 // then slows one round of every route rather than all the runs of one route, which on a shared machine
-// would decide the choice. At least 5 rounds (this machine's capacity was seen to change in streaks of a
-// second or so, by up to 40%), more for short products (about 60 ms of runs in all, at most 20 rounds). The two-bmm route wins unless another is faster by more than kMargin.
+// would decide the choice. At least 5 rounds, more for short products (about 0.3 s of runs in all, at most 20
+// rounds): the 2-core test machine's capacity was seen to change in streaks of a second or so, by up to 40%
+// (load from other tenants of the host), and a choice is made once per shape and cached, so a longer measurement
+// is cheap. The two-bmm route wins unless another is faster by more than kMargin.
 constexpr double kMargin = 0.05;
 
 template <class F>
@@ -976,7 +978,7 @@ int measure_routes(F&& run) {
   }
   double round_s = 0;
   for (double v : best) round_s += v;
-  const int rounds = int(std::max(5.0, std::min(20.0, 0.06 / std::max(round_s, 1e-9))));
+  const int rounds = int(std::max(5.0, std::min(20.0, 0.3 / std::max(round_s, 1e-9))));
   for (int r = 0; r < kNumRoutes; ++r) best[r] = 1e300;
   for (int i = 0; i < rounds; ++i)
     for (int r = 0; r < kNumRoutes; ++r) {
@@ -1126,10 +1128,11 @@ std::string cpu_route(const std::string& dir, std::vector<int64_t> dims, at::Sca
 
 // The route of a forward call with these dims, deciding it now if needed: a key not decided yet is measured on
 // synthetic inputs of the shape (normal x, factors and output gradient), exactly as the first real call would
-// measure it. For fwd_h (a training step) the backward's route (bwd_h) is decided too, and the answer is
-// "aten" when either direction takes the two-bmm route: the op then gains at most one direction's small margin
-// over the reference, less than its autograd-function overhead. cuda/monarch_ops.py asks this once per shape
-// key and calls the reference itself where the answer is "aten".
+// measure it. For fwd_h (a training step) the backward's route (bwd_h) is decided too and the answer names both,
+// "fwd+bwd" (e.g. "aten+blas"). cuda/monarch_ops.py asks this once per shape key and calls the reference itself
+// only where the answer is "aten" or "aten+aten" (no compiled route beats the two-bmm one in any direction):
+// where one direction gains and the other does not, the op runs (its aten route for that direction is the
+// reference's algorithm; a backward can gain tens of ms, the op's autograd-function overhead is microseconds).
 std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st) {
   TORCH_CHECK(dir == "fwd" || dir == "fwd_h", "_cpu_decide: dir must be fwd or fwd_h, got ", dir);
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "_cpu_decide: dtype must be float32 or float64");
@@ -1139,7 +1142,7 @@ std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::Sc
               "_cpu_decide: bad dims");
   const bool keep_h = dir == "fwd_h";
   std::string fwd = cpu_route(dir, dims, st), bwd = keep_h ? cpu_route("bwd_h", dims, st) : "-";
-  if (!fwd.empty() && !bwd.empty()) return fwd == "aten" || bwd == "aten" ? "aten" : fwd;
+  if (!fwd.empty() && !bwd.empty()) return keep_h ? fwd + "+" + bwd : fwd;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto opt = at::TensorOptions().dtype(st);
   auto x = at::randn({d.B, d.K * d.P}, opt), w1 = at::randn({d.K, d.Q, d.P}, opt),
@@ -1148,7 +1151,7 @@ std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::Sc
   if (!keep_h) return fwd;
   auto g = at::randn({d.B, d.L * d.S}, opt), h = std::get<1>(fwd_aten(d, x, w1, w2, true));
   bwd = kRouteNames[pick_route("bwd_h", d, st, [&](int rr) { bwd_route(rr, d, g, x, w1, w2, h); })];
-  return fwd == "aten" || bwd == "aten" ? "aten" : fwd;
+  return fwd + "+" + bwd;
 }
 
 void set_tune_file(const std::string& path) {

@@ -24,12 +24,14 @@ the decisions are cached in `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE
 processes on the same CPU do not measure again.
 `monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
 with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
-forward takes the two-bmm route; with autograd: the forward or the backward does), calls
+forward takes the two-bmm route; with autograd: the forward and the backward both do), calls
 `layers.monarch.monarch_multiply_ref` itself instead of the op. There no compiled route is faster than the
 reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
 calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
-reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise (`engine` or
-`blas`) it calls the op, whose backward takes its own route. Products under 4 MFLOP (not measured) take the
+reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise it calls the op,
+each direction on its own route (one direction may be `aten`: e.g. 3072->768 at nblocks 4 on an Intel Xeon,
+whose forward gains little over the two-bmm algorithm and whose backward gains ~40% on the `blas` route).
+Products under 4 MFLOP (not measured) take the
 op's `aten` route: there the op's C++ calls cost less than the reference's Python ones. Under torch.compile the
 graph always calls the op (a decision cannot be a constant of a graph whose batch size may be symbolic); the
 op's own route choice then applies per call, its `aten` route being the reference's algorithm.
@@ -200,13 +202,15 @@ def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
         # less than the reference's Python ones (the reference's algorithm, without its per-call overhead)
         return "aten"
     route = torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
-    return "ref" if route == "aten" and not _forced_route else route
+    # "fwd_h" answers "fwd+bwd": the reference only where both directions keep the two-bmm route
+    return "ref" if route in ("aten", "aten+aten") and not _forced_route else route
 
 
 def cpu_path(x, w1, w2):
     """Which CPU path ``monarch_multiply(x, w1, w2)`` takes in the current grad mode: "ref" (the reference,
-    ``layers.monarch.monarch_multiply_ref``, itself) or the compiled op's route ("engine", "aten", "blas";
-    "aten" for products under 4 MFLOP and dtypes other than float32/float64).
+    ``layers.monarch.monarch_multiply_ref``, itself) or the compiled op's route: without autograd "engine",
+    "aten" or "blas"; with autograd the forward's and the backward's, "fwd+bwd" (e.g. "aten+blas"); "aten" for
+    products under 4 MFLOP and dtypes other than float32/float64.
     Decides (measures) the route if this shape has not been seen; see the module docstring. While
     torch.compile traces it is "op": the compiled op, which picks its route per call at run time."""
     if torch.compiler.is_compiling():
