@@ -1,7 +1,7 @@
 """Benchmark: dense (F.linear and oneDNN) vs Monarch (two-bmm reference and the compiled kernel) vs Butterfly.
 
 For each case (tokens, in -> out, nblocks) and dtype it times forward and forward+backward with
-torch.utils.benchmark (warm-up, then blocked runs; the median is reported) and prints time, achieved
+torch.utils.benchmark (warm-up, then interleaved rounds of blocked runs: time_ms) and prints time, achieved
 GFLOP/s, the dense baseline, speedup over it, the FLOP ratio dense/Monarch and speedup / ratio. On the CPU
 it then times one training step of ViTAE-Tiny (224 px, batch 32) with dense and Monarch MLPs.
 
@@ -33,8 +33,10 @@ reference do so only when it is set.
 """
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -84,11 +86,32 @@ def parse_case(text):
     return t, i, o, nb
 
 
-def time_ms(fn, min_run_time, cpu_time=False):
-    fn()  # warm-up (also builds/loads anything lazy)
+def time_ms(fns, min_run_time, rounds=5, cpu_time=False):
+    """name -> fn; returns name -> (ms, spread). Every fn is run once to warm up, then timed in `rounds`
+    interleaved rounds (each fn once per round, a blocked run of min_run_time / rounds); ms is the median of the
+    rounds' medians and spread (max - min) / ms over the rounds. On a shared machine whose capacity changes in
+    streaks (seen here: by up to 40% for a second or so) a slow streak then costs one round of every method
+    rather than the whole measurement of one, which would decide a comparison; the spread shows how noisy the
+    row was."""
     extra = {"timer": time.process_time} if cpu_time else {}
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), **extra)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    timers = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (also builds/loads anything lazy)
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                                       **extra)
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            per[name].append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median * 1e3)
+    out = {}
+    for name, v in per.items():
+        ms = statistics.median(v)
+        out[name] = (ms, (max(v) - min(v)) / ms if len(v) > 1 else float("nan"))  # one round: no spread
+    return out
+
+
+def pct(v):
+    return "-" if math.isnan(v) else f"{v:.0%}"
 
 
 def onednn_available():
@@ -165,10 +188,11 @@ def kernel_route(monarch_ops, case, mode):
                                 torch.empty(l, s, r).requires_grad_(mode != "fwd"))
 
 
-def end_to_end(args, kernel_ok, min_time):
+def end_to_end(args, kernel_ok, min_time, rounds):
     """One training step (forward, backward, AdamW) of ViTAE-Tiny, 224 px, 1000 classes, on the CPU: dense
     MLPs vs Monarch MLPs (nblocks 4) with the reference and with the kernel, beside the model-level FLOP
-    ratio (models/flops.py, one forward, everything the model computes: attention, convolutions, norms)."""
+    ratio (models/flops.py, one forward, everything the model computes: attention, convolutions, norms).
+    The three models' steps are timed in interleaved rounds (time_ms), one step or more per round."""
     import timm
 
     import models.vitae  # noqa: F401  (registers vitae_basic_* with timm)
@@ -182,29 +206,34 @@ def end_to_end(args, kernel_ok, min_time):
     print(f"\n== end to end: ViTAE-Tiny training step (fwd+bwd+AdamW), 224 px, batch {args.e2e_batch}, "
           f"float32, threads {torch.get_num_threads()}")
     print(f"{'model':>16} {'ms/step':>9} {'images/s':>9} {'GFLOP/img':>10} {'speedup':>8} {'FLOP ratio':>10} "
-          f"{'spd/ratio':>9}")
-    rows, base = [], None
-    for name, mlp, impl in variants:
-        torch.manual_seed(0)
-        model = timm.create_model("vitae_basic_tiny", pretrained=False, mlp=mlp, nblocks=4, impl=impl,
-                                  num_classes=1000, img_size=224)
-        flops = count_flops(model, x[:1])["per_image"]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+          f"{'spd/ratio':>9} {'spread':>6}")
 
+    def make_step(model, opt):
         def step():
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
-        ms = time_ms(step, min_time)
-        if base is None:
-            base = (ms, flops)
+        return step
+
+    steps, flops = {}, {}
+    for name, mlp, impl in variants:
+        torch.manual_seed(0)
+        model = timm.create_model("vitae_basic_tiny", pretrained=False, mlp=mlp, nblocks=4, impl=impl,
+                                  num_classes=1000, img_size=224)
+        flops[name] = count_flops(model, x[:1])["per_image"]
+        steps[name] = make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    timed = time_ms(steps, min_time, rounds)
+    rows = []
+    base_ms, base_flops = timed["dense"][0], flops["dense"]
+    for name, (ms, spread) in timed.items():
         row = dict(device="cpu", method=f"vitae_tiny_{name}", mode="train_step", batch=args.e2e_batch, ms=ms,
-                   images_per_s=args.e2e_batch / ms * 1e3, gflop_per_image=flops / 1e9, speedup=base[0] / ms,
-                   flop_ratio=base[1] / flops, frac_of_ratio=(base[0] / ms) / (base[1] / flops))
+                   images_per_s=args.e2e_batch / ms * 1e3, gflop_per_image=flops[name] / 1e9,
+                   speedup=base_ms / ms, flop_ratio=base_flops / flops[name],
+                   frac_of_ratio=(base_ms / ms) / (base_flops / flops[name]), spread=spread)
         rows.append(row)
-        print(f"{name:>16} {ms:>9.1f} {row['images_per_s']:>9.2f} {flops / 1e9:>10.3f} {row['speedup']:>8.2f} "
-              f"{row['flop_ratio']:>10.2f} {row['frac_of_ratio']:>9.2f}", flush=True)
-        del model, opt
+        print(f"{name:>16} {ms:>9.1f} {row['images_per_s']:>9.2f} {flops[name] / 1e9:>10.3f} "
+              f"{row['speedup']:>8.2f} {row['flop_ratio']:>10.2f} {row['frac_of_ratio']:>9.2f} {pct(spread):>6}",
+              flush=True)
     return rows
 
 
@@ -216,6 +245,8 @@ def main():
                     help="CUDA dtypes (default: float32 bfloat16 float16); CPU always uses float32")
     ap.add_argument("--cases", nargs="+", default=None, help="TOKENSxINxOUTxNBLOCKS ...")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds per measurement, the median reported (default 5; see time_ms)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU only: time with process CPU time instead of wall time (with --threads 1 this "
@@ -231,6 +262,8 @@ def main():
         fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     if args.min_time <= 0 or (args.threads is not None and args.threads < 1):
         fail("--min-time must be > 0 and --threads >= 1")
+    if args.rounds < 1:
+        fail(f"--rounds must be >= 1, got {args.rounds}")
     if args.e2e_batch < 1:
         fail("--e2e-batch must be >= 1")
     if args.cpu_time and args.device != "cpu":
@@ -253,6 +286,7 @@ def main():
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     cases = [parse_case(c) for c in args.cases] if args.cases else (QUICK_CASES if args.quick else DEFAULT_CASES)
     min_time = 0.05 if args.quick else args.min_time
+    rounds = 1 if args.quick else args.rounds
 
     from cuda import butterfly_ops, monarch_ops  # builds the extension on first use (cached)
 
@@ -272,15 +306,16 @@ def main():
               f"threads {torch.get_num_threads()}{isa}{thp}")
         hdr = (f"{'tokens':>6} {'in':>5} {'out':>5} {'nb':>3} {'dtype':>8} {'mode':>7} {'method':>16} "
                f"{'ms':>9} {'GFLOP/s':>8} {'baseline':>12} {'speedup':>8} {'ratio':>6} {'spd/ratio':>9} "
-               f"{'vs_ref':>7} {'route':>6}")
+               f"{'vs_ref':>7} {'spread':>6} {'route':>6}")
         print(hdr)
         print("-" * len(hdr))
         for case in dev_cases:
             for dt in dts:
                 runners = make_runners(case, DTYPES[dt], device, kernel_ok, bfly_ok, monarch_ops)
                 for mode, idx, mult in (("fwd", 0, 1), ("fwd+bwd", 1, 3)):
-                    times = {m: time_ms(r[idx], min_time, args.cpu_time) for m, r in runners.items()
-                             if r[idx] is not None}
+                    timed = time_ms({m: r[idx] for m, r in runners.items() if r[idx] is not None}, min_time,
+                                    rounds, args.cpu_time)
+                    times = {m: v[0] for m, v in timed.items()}
                     # the baseline is the fastest dense path of this measurement
                     base = min((m for m in times if m.startswith("dense")), key=times.get)
                     for method, ms in times.items():
@@ -294,13 +329,15 @@ def main():
                         row = dict(device=device, tokens=case[0], fin=case[1], fout=case[2], nblocks=case[3],
                                    dtype=dt, mode=mode, method=method, ms=ms, gflops=flops / ms / 1e6,
                                    baseline=base, speedup=speedup, flop_ratio=ratio,
-                                   frac_of_ratio=speedup / ratio, vs_ref=vs_ref, route=route)
+                                   frac_of_ratio=speedup / ratio, vs_ref=vs_ref, spread=timed[method][1],
+                                   route=route)
                         results.append(row)
                         print(f"{case[0]:>6} {case[1]:>5} {case[2]:>5} {case[3]:>3} {dt:>8} {mode:>7} {method:>16} "
                               f"{ms:>9.3f} {row['gflops']:>8.1f} {base:>12} {speedup:>8.2f} {ratio:>6.2f} "
-                              f"{speedup / ratio:>9.2f} {vs_ref:>7.2f} {route:>6}", flush=True)
+                              f"{speedup / ratio:>9.2f} {vs_ref:>7.2f} {pct(timed[method][1]):>6} {route:>6}",
+                              flush=True)
         if device == "cpu" and not args.no_e2e and not args.quick:
-            results.extend(end_to_end(args, kernel_ok, min_time))
+            results.extend(end_to_end(args, kernel_ok, min_time, rounds))
 
     isa = torch.ops.monarch_seam.cpu_isa() if hasattr(torch.ops.monarch_seam, "cpu_isa") else None
     meta = dict(timer="process_time" if args.cpu_time else "wall", torch=torch.__version__,

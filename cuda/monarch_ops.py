@@ -24,7 +24,8 @@ the decisions are cached in `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE
 processes on the same CPU do not measure again.
 `monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
 with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
-forward takes the two-bmm route; with autograd: the forward and the backward both do), calls
+forward takes the two-bmm route; with autograd: the forward and the backward both do, or one does and the product
+is under 256 MFLOP, where the other's gain may not pay for the op's overhead), calls
 `layers.monarch.monarch_multiply_ref` itself instead of the op. There no compiled route is faster than the
 reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
 calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
@@ -193,17 +194,26 @@ selfcheck.register("monarch_multiply", _probe_cases)
 _route_memo = {}
 _forced_route = False  # MONARCH_SEAM_CPU_ROUTE is set: every call takes the op (read once, as in the C++ side)
 _TUNE_FLOPS = 4e6  # products under this take the op's aten route without measuring (kTuneFlops in monarch.cpp)
+# With autograd, where only one direction beats the two-bmm route, the op runs only for products of at least this
+# many forward FLOPs: below it the gain (more than 5% of one direction) is not surely above the op's call and
+# autograd-function overhead (measured here: ~50 us for a training step at 8 tokens, 1024->1024 nblocks 4,
+# 17 MFLOP, where the op was 0.89-0.93x the reference); at 256 MFLOP 5% of the backward is ~80 us or more.
+_MIXED_FLOPS = 256e6
 
 
 def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
     (k, q, p), (l, s, r) = w1_shape, w2_shape
-    if dtype not in (torch.float32, torch.float64) or 2.0 * rows * (k * q * p + l * s * r) < _TUNE_FLOPS:
+    flops = 2.0 * rows * (k * q * p + l * s * r)
+    if dtype not in (torch.float32, torch.float64) or flops < _TUNE_FLOPS:
         # other dtypes: the op (float32 inside); small products: the op's two-bmm route, whose C++ calls cost
         # less than the reference's Python ones (the reference's algorithm, without its per-call overhead)
         return "aten"
     route = torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
-    # "fwd_h" answers "fwd+bwd": the reference only where both directions keep the two-bmm route
-    return "ref" if route in ("aten", "aten+aten") and not _forced_route else route
+    # "fwd_h" answers "fwd+bwd": the reference where both directions keep the two-bmm route, and where one does
+    # and the product is too small for the other's gain to pay the op's overhead
+    if not _forced_route and (route in ("aten", "aten+aten") or ("aten" in route.split("+") and flops < _MIXED_FLOPS)):
+        return "ref"
+    return route
 
 
 def cpu_path(x, w1, w2):

@@ -305,3 +305,6 @@ def test_bench_refuses_cpu_bfloat16_and_unwritable_json(readonly_dir, tmp_path, 
     r = entry('bench_kernels.py', '--device', 'cpu', '--quick', '--json', os.path.join(readonly_dir, 'b.json'))
     assert_one_line(r, 2, '--json', 'cannot write')
     assert r.stdout == ''
+    r = entry('bench_kernels.py', '--device', 'cpu', '--quick', '--rounds', '0')
+    assert_one_line(r, 2, '--rounds', '>= 1')
+    assert r.stdout == ''
