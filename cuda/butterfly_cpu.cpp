@@ -521,7 +521,7 @@ int bwd_rows(const BDims& d, int64_t elem) {
 at::Tensor butterfly_fwd_cpu(const at::Tensor& tw_, const at::Tensor& x_, bool inc) {
   const BDims d = bcheck(tw_, x_);
   auto tw = tw_.contiguous(), x = x_.contiguous();
-  auto out = at::empty_like(x);
+  auto out = empty_out(x.sizes(), x.options());  // huge pages from 4 MiB (cpu_isa.h)
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "butterfly_fwd_cpu", [&] {
     using T = scalar_t;
@@ -557,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor> butterfly_bwd_cpu(const at::Tensor& g_, const
   TORCH_CHECK(g_.sizes() == x_.sizes(), "butterfly_bwd: grad must have x's shape");
   auto tw = tw_.contiguous(), x = x_.contiguous();
   // dx starts as a copy of the incoming gradient; the tiles turn it into dx in place.
-  auto dx = g_.to(x.scalar_type()).contiguous().clone();
+  auto dx = empty_out(x.sizes(), x.options());  // huge pages from 4 MiB (cpu_isa.h)
+  dx.copy_(g_);
   auto dtw = at::zeros_like(tw);
   if (x.numel() == 0) return {dtw, dx};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "butterfly_bwd_cpu", [&] {

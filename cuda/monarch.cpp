@@ -33,7 +33,6 @@
 #include <sstream>
 #include <type_traits>
 #include <utility>
-#include <sys/mman.h>
 #include <unistd.h>
 #include <cstdlib>
 #include <cstring>
@@ -597,25 +596,6 @@ Dims check(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
 // reduced-precision matmul, which also accumulates in float32).
 bool native(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
-}
-
-// A fresh output tensor. Large ones (>= 4 MiB) are allocated on 2 MiB boundaries with MADV_HUGEPAGE, i.e. what
-// torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation: glibc serves blocks over its mmap threshold (at most
-// 32 MiB) with fresh pages, whose first touch costs one page fault per 4 KiB, and on the Intel CPU this was
-// measured on those faults cost a 4096 x 3072 float32 output as much time as a third of the Monarch product
-// that fills it; with huge pages they become one fault per 2 MiB. Where madvise is refused (no THP in the
-// kernel) the memory is still valid and merely faults as usual.
-at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  int64_t n = 1;
-  for (int64_t v : sizes) n *= v;
-  const size_t bytes = size_t(n) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < (size_t(4) << 20)) return at::empty(sizes, opt);
-  const size_t cap = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, cap) != 0 || p == nullptr) return at::empty(sizes, opt);
-  madvise(p, cap, MADV_HUGEPAGE);
-  return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
 }
 
 // ---------------------------------------------------------------- routes

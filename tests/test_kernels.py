@@ -364,6 +364,25 @@ def test_butterfly_cpu_matches_reference(ops, nstacks, nblocks, log_n, inc, dtyp
         assert (a - b).abs().max() <= tol * (b.abs().max() + 1e-30)
 
 
+def test_butterfly_cpu_large_outputs_match_reference(ops):
+    """Outputs and dx of 4 MiB and more come from the huge-page allocation (cuda/cpu_isa.h, empty_out); the
+    incoming gradient is a non-contiguous view, which the backward copies into its dx."""
+    _, butterfly_ops = ops
+    gen = torch.Generator().manual_seed(9)
+    n, log_n = 1024, 10
+    tw = torch.randn(1, 1, log_n, n // 2, 2, 2, generator=gen) / math.sqrt(2)
+    x = torch.randn(1100, 1, n, generator=gen)
+    g = torch.randn(n, 1, 1100, generator=gen).permute(2, 1, 0)  # (1100, 1, n), not contiguous
+    assert x.numel() * 4 >= 4 << 20 and not g.is_contiguous()
+    res = []
+    for fn in (butterfly_ops.butterfly_multiply, butterfly_multiply_ref):
+        t, xx = tw.clone().requires_grad_(), x.clone().requires_grad_()
+        y = fn(t, xx, True)
+        res.append((y,) + torch.autograd.grad(y, (t, xx), g))
+    for a, b in zip(*res):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_butterfly_matches_fft_structure(ops):
     """Independent check: a one-factor butterfly with n=2 is a plain 2x2 matrix product."""
     _, butterfly_ops = ops
