@@ -1110,9 +1110,8 @@ std::string cpu_route(const std::string& dir, std::vector<int64_t> dims, at::Sca
 // synthetic inputs of the shape (normal x, factors and output gradient), exactly as the first real call would
 // measure it. For fwd_h (a training step) the backward's route (bwd_h) is decided too and the answer names both,
 // "fwd+bwd" (e.g. "aten+blas"). cuda/monarch_ops.py asks this once per shape key and calls the reference itself
-// only where the answer is "aten" or "aten+aten" (no compiled route beats the two-bmm one in any direction):
-// where one direction gains and the other does not, the op runs (its aten route for that direction is the
-// reference's algorithm; a backward can gain tens of ms, the op's autograd-function overhead is microseconds).
+// where the answer is "aten" or "aten+aten" (no compiled route beats the two-bmm one in any direction), and where
+// only one direction gains on a product too small for that gain to pay the op's overhead (_decide there).
 std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st) {
   TORCH_CHECK(dir == "fwd" || dir == "fwd_h", "_cpu_decide: dir must be fwd or fwd_h, got ", dir);
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "_cpu_decide: dtype must be float32 or float64");
