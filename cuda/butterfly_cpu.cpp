@@ -255,7 +255,7 @@ static inline __attribute__((always_inline)) typename V_<T, VB>::type swap_rt(ty
 }
 
 // Passes: consecutive factors whose strides are all below the vector width run in registers, one load and
-// one store per vector for the whole run ("run"); two consecutive larger strides a, b (forward only) are one
+// one store per vector for the whole run ("run"); two consecutive larger strides a, b are one
 // radix-4 pass over {i, i+a, i+b, i+a+b} ("pair", a != b); any other factor is a pass of its own ("one").
 enum PassKind { kRun, kOne, kPair };
 struct Pass {
@@ -339,6 +339,58 @@ static inline __attribute__((always_inline)) void fwd_pair(int64_t n, int64_t a,
       }
 }
 
+// Backward through a pair (factor a, then factor b; strides a != b, both >= W), in registers: recompute factor
+// a's output y from the pair's input x, sweep the gradient back through b, then a, accumulating all four planes'
+// gradients over the tile's rows. One load of x and g and one store of g per vector for the two factors.
+template <class T, int VB>
+static inline __attribute__((always_inline)) void bwd_pair(int64_t n, int64_t a, int64_t b, const T* pa,
+                                                           const T* pb, T* dpa, T* dpb, const T* const* v,
+                                                           T* const* g, int R) {
+  typedef typename V_<T, VB>::type V;
+  constexpr int W = VB / sizeof(T);
+  const int64_t lo = std::min(a, b), hi = std::max(a, b);
+  const T *csa = pa, *cpa = pa + n, *csb = pb, *cpb = pb + n;
+  for (int64_t b0 = 0; b0 < n; b0 += 2 * hi)
+    for (int64_t b1 = b0; b1 < b0 + hi; b1 += 2 * lo)
+      for (int64_t o = 0; o < lo; o += W) {
+        const int64_t i[4] = {b1 + o, b1 + o + a, b1 + o + b, b1 + o + a + b};
+        V sa[4], qa[4], sb[4], qb[4], dsa[4], dqa[4], dsb[4], dqb[4];
+        for (int k = 0; k < 4; ++k) {
+          sa[k] = ld<T, VB>(csa + i[k]);
+          qa[k] = ld<T, VB>(cpa + i[k]);
+          sb[k] = ld<T, VB>(csb + i[k]);
+          qb[k] = ld<T, VB>(cpb + i[k]);
+          dsa[k] = dqa[k] = dsb[k] = dqb[k] = V{};
+        }
+        for (int r = 0; r < R; ++r) {
+          V x[4], gz[4];
+          for (int k = 0; k < 4; ++k) {
+            x[k] = ld<T, VB>(v[r] + i[k]);
+            gz[k] = ld<T, VB>(g[r] + i[k]);
+          }
+          // factor a pairs (0, 1) and (2, 3); factor b pairs (0, 2) and (1, 3): partner of k is k ^ 1, k ^ 2
+          V y[4], gy[4];
+          for (int k = 0; k < 4; ++k) y[k] = sa[k] * x[k] + qa[k] * x[k ^ 1];
+          for (int k = 0; k < 4; ++k) {
+            dsb[k] += gz[k] * y[k];
+            dqb[k] += gz[k] * y[k ^ 2];
+            gy[k] = sb[k] * gz[k] + qb[k ^ 2] * gz[k ^ 2];
+          }
+          for (int k = 0; k < 4; ++k) {
+            dsa[k] += gy[k] * x[k];
+            dqa[k] += gy[k] * x[k ^ 1];
+            sto<T, VB>(g[r] + i[k], sa[k] * gy[k] + qa[k ^ 1] * gy[k ^ 1]);
+          }
+        }
+        for (int k = 0; k < 4; ++k) {
+          sto<T, VB>(dpa + i[k], ld<T, VB>(dpa + i[k]) + dsa[k]);
+          sto<T, VB>(dpa + n + i[k], ld<T, VB>(dpa + n + i[k]) + dqa[k]);
+          sto<T, VB>(dpb + i[k], ld<T, VB>(dpb + i[k]) + dsb[k]);
+          sto<T, VB>(dpb + n + i[k], ld<T, VB>(dpb + n + i[k]) + dqb[k]);
+        }
+      }
+}
+
 // Backward through a run, in registers: recompute the run's activations from its input v, then sweep the
 // gradient back through its factors, accumulating the plane gradients over the tile's rows.
 template <class T, int VB>
@@ -413,15 +465,15 @@ static inline __attribute__((always_inline)) void fwd_tile_body(const BDims& d, 
 
 // scratch: (passes + 1) * R rows at the padded pitch: every pass's output, then the gradient rows. The
 // gradient rows gr hold the incoming gradient and receive dx; dpl: this chunk's plane-gradient
-// accumulator (all stacks). Backward passes are runs and single factors (no pairs), so every factor's
-// input is either stored or recomputed in registers.
+// accumulator (all stacks). Each pass's input is stored; the activations inside a run or a pair are
+// recomputed in registers by bwd_run / bwd_pair.
 template <class T, int VB>
 static inline __attribute__((always_inline)) void bwd_tile_body(const BDims& d, const T* planes, bool inc,
                                                                 const T* const* xr, T* const* gr, int R,
                                                                 int64_t stk, T* scratch, T* dpl) {
   constexpr int W = VB / sizeof(T);
   const int64_t pitch = pitch_of(d.n, sizeof(T));
-  const std::vector<Pass> passes = plan_passes(d, inc, W, false);
+  const std::vector<Pass> passes = plan_passes(d, inc, W, true);
   const int np = int(passes.size());
   // input of pass i, row r: x itself for i == 0, else scratch row (i - 1) * R + r
   auto act = [&](int i, int r) -> T* { return scratch + (int64_t(i - 1) * R + r) * pitch; };
@@ -437,6 +489,9 @@ static inline __attribute__((always_inline)) void bwd_tile_body(const BDims& d, 
     const Pass& ps = passes[i];
     if (ps.kind == kRun) {
       fwd_run<T, VB>(d, pl, ps.f0, ps.f1, inc, vin, vout, R);
+    } else if (ps.kind == kPair) {
+      fwd_pair<T, VB>(d.n, bstride(d, ps.f0, inc), bstride(d, ps.f0 + 1, inc), pl + ps.f0 * 2 * d.n,
+                      pl + (ps.f0 + 1) * 2 * d.n, vin, vout, R);
     } else {
       const T* cs = pl + ps.f0 * 2 * d.n;
       fwd_factor<T, VB>(d.n, bstride(d, ps.f0, inc), cs, cs + d.n, vin, vout, R);
@@ -452,6 +507,10 @@ static inline __attribute__((always_inline)) void bwd_tile_body(const BDims& d, 
     const Pass& ps = passes[i];
     if (ps.kind == kRun) {
       bwd_run<T, VB>(d, pl, dp, ps.f0, ps.f1, inc, vin, g, R);
+    } else if (ps.kind == kPair) {
+      const int64_t off = ps.f0 * 2 * d.n;
+      bwd_pair<T, VB>(d.n, bstride(d, ps.f0, inc), bstride(d, ps.f0 + 1, inc), pl + off, pl + off + 2 * d.n,
+                      dp + off, dp + off + 2 * d.n, vin, g, R);
     } else {
       const int64_t off = ps.f0 * 2 * d.n;
       bwd_factor<T, VB>(d.n, bstride(d, ps.f0, inc), pl + off, pl + off + d.n, vin, g, dp + off, dp + off + d.n, R);
