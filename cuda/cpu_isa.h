@@ -16,7 +16,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace monarch_seam {
 
@@ -72,12 +75,48 @@ inline int64_t l2_bytes() {
   return v;
 }
 
-// A fresh output tensor. Large ones (>= 4 MiB) are allocated on 2 MiB boundaries with MADV_HUGEPAGE, i.e. what
-// torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation: glibc serves blocks over its mmap threshold (at most
-// 32 MiB) with fresh pages, whose first touch costs one page fault per 4 KiB, and on the Intel CPU this was
-// measured on those faults cost a 4096 x 3072 float32 output as much time as a third of the Monarch product
-// that fills it; with huge pages they become one fault per 2 MiB. Where madvise is refused (no THP in the
-// kernel) the memory is still valid and merely faults as usual.
+// An output tensor (uninitialised, as at::empty). Large ones (>= 4 MiB) are allocated on 2 MiB boundaries with
+// MADV_HUGEPAGE and, once freed, kept for the next output of the same rounded size (at most kOutCacheBytes in
+// all, the least recently freed dropped first). Why: glibc serves such blocks with fresh pages from mmap (its
+// dynamic threshold moves to the size of the last freed block, so equal requests keep being mmapped), and the
+// kernel faults in and zeroes every page on first touch. Measured on the Intel CPU of BENCHMARKS.md: a
+// 4096 x 1024 float32 butterfly forward took 2.0-3.5 ms with fresh huge pages (21 ms in a slow streak of the
+// host) and 1.65-1.8 ms in reused memory; a 4096 x 3072 Monarch output cost 24 ms of 4 KiB faults, 3.4 ms of
+// huge-page faults, 1.5 ms to refill. Where madvise is refused (no THP) the memory merely faults as usual.
+constexpr size_t kOutCacheBytes = size_t(256) << 20;
+
+struct OutCache {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free_blocks;  // (capacity, block), least recently freed first
+  size_t held = 0;
+};
+
+inline OutCache& out_cache() {
+  static OutCache* c = new OutCache();  // never destroyed: a tensor may be freed during static destruction
+  return *c;
+}
+
+inline void release_out(void* p, size_t cap) {
+  OutCache& c = out_cache();
+  std::vector<void*> drop;
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    if (cap > kOutCacheBytes) {
+      drop.push_back(p);
+    } else {
+      c.free_blocks.emplace_back(cap, p);
+      c.held += cap;
+      size_t i = 0;
+      for (; c.held > kOutCacheBytes; ++i) {
+        c.held -= c.free_blocks[i].first;
+        drop.push_back(c.free_blocks[i].second);
+      }
+      c.free_blocks.erase(c.free_blocks.begin(), c.free_blocks.begin() + i);
+    }
+  }
+  for (void* q : drop) std::free(q);
+}
+
 inline at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   int64_t n = 1;
   for (int64_t v : sizes) n *= v;
@@ -86,9 +125,22 @@ inline at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opt)
   if (bytes < (size_t(4) << 20)) return at::empty(sizes, opt);
   const size_t cap = (bytes + kHuge - 1) / kHuge * kHuge;
   void* p = nullptr;
-  if (posix_memalign(&p, kHuge, cap) != 0 || p == nullptr) return at::empty(sizes, opt);
-  madvise(p, cap, MADV_HUGEPAGE);
-  return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
+  {
+    OutCache& c = out_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    for (size_t i = c.free_blocks.size(); i-- > 0;)  // the most recently freed block of this size
+      if (c.free_blocks[i].first == cap) {
+        p = c.free_blocks[i].second;
+        c.held -= cap;
+        c.free_blocks.erase(c.free_blocks.begin() + int64_t(i));
+        break;
+      }
+  }
+  if (p == nullptr) {
+    if (posix_memalign(&p, kHuge, cap) != 0 || p == nullptr) return at::empty(sizes, opt);
+    madvise(p, cap, MADV_HUGEPAGE);
+  }
+  return at::from_blob(p, sizes, [cap](void* q) { release_out(q, cap); }, opt);
 }
 
 }  // namespace monarch_seam

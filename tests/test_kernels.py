@@ -383,6 +383,43 @@ def test_butterfly_cpu_large_outputs_match_reference(ops):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+REUSE_SCRIPT = """
+import math, torch
+from cuda import butterfly_ops, monarch_ops
+from layers.butterfly import butterfly_multiply_ref
+from layers.monarch import monarch_multiply_ref
+assert monarch_ops.kernel_available()[0] and butterfly_ops.kernel_available()[0]
+g = torch.Generator().manual_seed(3)
+w1 = torch.randn(4, 256, 256, generator=g) / 16
+w2 = torch.randn(4, 256, 256, generator=g) / 16
+tw = torch.randn(1, 1, 10, 512, 2, 2, generator=g) / math.sqrt(2)
+xs = [torch.randn(1100, 1024, generator=g) for _ in range(4)]  # 4.3 MiB outputs
+with torch.no_grad():
+    for fn, ref, args in ((monarch_ops.monarch_multiply, monarch_multiply_ref, lambda x: (x, w1, w2)),
+                          (butterfly_ops.butterfly_multiply, butterfly_multiply_ref, lambda x: (tw, x[:, None], True))):
+        kept = fn(*args(xs[0]))               # stays alive while later outputs come and go
+        freed = fn(*args(xs[1])).data_ptr()   # freed at once: its block is kept for the next output
+        again = fn(*args(xs[2]))              # takes that block
+        assert again.data_ptr() == freed, fn
+        fn(*args(xs[3])).fill_(float("nan"))  # a freed output scribbled on
+        for y, x in ((kept, xs[0]), (again, xs[2])):
+            want = ref(*args(x))
+            assert (y - want).abs().max() <= 1e-5 * want.abs().max(), fn
+        assert kept.data_ptr() != again.data_ptr()
+print("REUSE_OK")
+"""
+
+
+def test_reused_large_outputs_are_correct(ops):
+    """Large outputs (>= 4 MiB) reuse freed blocks (cuda/cpu_isa.h, empty_out): an output kept alive is never
+    handed out again, and a reused block holds the new result only. The Monarch op on its engine route (which
+    allocates through empty_out), in a fresh process."""
+    env = dict(os.environ, MONARCH_SEAM_CPU_ROUTE="engine", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", REUSE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "REUSE_OK" in res.stdout, res.stdout + res.stderr[-3000:]
+
+
 def test_butterfly_matches_fft_structure(ops):
     """Independent check: a one-factor butterfly with n=2 is a plain 2x2 matrix product."""
     _, butterfly_ops = ops
