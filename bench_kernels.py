@@ -28,8 +28,9 @@ On Linux a fresh multi-MiB output tensor costs its page faults on first touch (m
 4096 x 3072 float32 tensor against 1.5 ms to refill an existing one), which weighs on every method alike and
 on the faster ones most; torch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large CPU allocations) removes most
 of it. The header line and the JSON say whether it was set. The compiled Monarch and butterfly ops allocate
-their outputs of 4 MiB and more on huge pages themselves whatever the setting (cuda/cpu_isa.h, empty_out);
-F.linear and the reference do so only when it is set.
+their outputs of 4 MiB and more on huge pages themselves whatever the setting, and reuse freed ones
+(cuda/cpu_isa.h, empty_out); F.linear and the reference get huge pages only when it is set, and fresh memory
+whenever glibc maps it anew.
 """
 import argparse
 import json
