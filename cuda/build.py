@@ -100,9 +100,11 @@ def _import_cpp_extension():
 def _load(name, sources, **kw):
     cpp_extension = _import_cpp_extension()
     verbose = os.environ.get("MONARCH_SEAM_VERBOSE", "0") == "1"
-    flags = {k: v for k, v in kw.items()}
-    cpp_extension.load(name=name, sources=[str(s) for s in sources],
-                       build_directory=_build_dir(name, sources, flags),
+    build_dir = _build_dir(name, sources, kw)
+    # copies: cpp_extension.load appends its own flags to the lists it is given, which would change the
+    # module's flag lists, hence the hash, hence cpu_build_dir() (where the route file lives) after a build
+    kw = {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
+    cpp_extension.load(name=name, sources=[str(s) for s in sources], build_directory=build_dir,
                        is_python_module=False, verbose=verbose, **kw)
 
 

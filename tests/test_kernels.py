@@ -205,6 +205,18 @@ def _run_tune(path):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def test_route_file_folder_is_the_build_folder(ops):
+    # The documented way to clear the route cache asks cuda.build.cpu_build_dir() in a fresh process, before any
+    # build; the op keeps its file in cpu_build_dir() as seen after loading. They must be one folder, the build's
+    # (cpp_extension.load once appended to the flag lists it was given, which moved the hash after a build).
+    code = ("import os, json; from cuda import build, monarch_ops; a = build.cpu_build_dir(); "
+            "assert monarch_ops.kernel_available()[0]; print(json.dumps([a, build.cpu_build_dir(), os.listdir(a)]))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    before, after, files = json.loads(res.stdout.strip().splitlines()[-1])
+    assert before == after and "monarch_seam_cpu.so" in files, (before, after, files)
+
+
 def test_monarch_cpu_route_cache(ops, tmp_path):
     path = tmp_path / "routes.txt"
     first = _run_tune(path)
