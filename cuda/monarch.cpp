@@ -846,9 +846,15 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
+// The file also keeps cuda/monarch_ops.py's verdicts, for products small enough that the op's call overhead may
+// decide: whether the op (on its routes) or the Python reference is faster there, measured in Python once per key
+// ("call_fwd ..." / "call_fwd_h ...", the route key of that direction) and stored as "op" or "ref".
+const char* kVerdictNames[] = {"ref", "op"};
+
 struct Tuner {
   std::mutex mu;
   std::map<std::string, int> table;
+  std::map<std::string, std::string> verdicts;
   std::string file;
   bool loaded = false;
   bool forced_checked = false;
@@ -867,6 +873,7 @@ struct Tuner {
     if (!f) return "";  // no file yet
     std::string line, problem;
     std::map<std::string, int> got;
+    std::map<std::string, std::string> got_verdicts;
     if (!std::getline(f, line) || line != std::string(kTuneHeader) + "\t" + tune_signature()) {
       problem = "it was written for another CPU or format (" + line.substr(0, 120) + ")";
     } else {
@@ -877,19 +884,30 @@ struct Tuner {
           problem = "a line is malformed";
           break;
         }
+        const bool verdict = key.rfind("call_", 0) == 0;
         int r = -1;
-        for (int i = 0; i < kNumRoutes; ++i)
-          if (route == kRouteNames[i]) r = i;
+        if (verdict) {
+          if (route == kVerdictNames[0] || route == kVerdictNames[1]) r = 0;
+        } else {
+          for (int i = 0; i < kNumRoutes; ++i)
+            if (route == kRouteNames[i]) r = i;
+        }
         std::ostringstream hs;
         hs << std::hex << fnv1a(key + "\t" + route);
         if (r < 0 || hs.str() != hash) {
           problem = "a line fails its check";
           break;
         }
-        got[key] = r;
+        if (verdict)
+          got_verdicts[key] = route;
+        else
+          got[key] = r;
       }
     }
-    if (problem.empty()) table = got;
+    if (problem.empty()) {
+      table = got;
+      verdicts = got_verdicts;
+    }
     return problem;
   }
 
@@ -901,10 +919,9 @@ struct Tuner {
       std::ofstream f(tmp, std::ios::trunc);
       if (!f) return;  // read-only location: decisions stay in memory
       f << kTuneHeader << "\t" << tune_signature() << "\n";
-      for (const auto& kv : table) {
-        const std::string body = kv.first + "\t" + kRouteNames[kv.second];
-        f << body << "\t" << std::hex << fnv1a(body) << std::dec << "\n";
-      }
+      auto line = [&](const std::string& body) { f << body << "\t" << std::hex << fnv1a(body) << std::dec << "\n"; };
+      for (const auto& kv : table) line(kv.first + "\t" + kRouteNames[kv.second]);
+      for (const auto& kv : verdicts) line(kv.first + "\t" + kv.second);
       if (!f) return;
     }
     std::rename(tmp.c_str(), p.c_str());
@@ -1133,12 +1150,42 @@ std::string cpu_decide(const std::string& dir, std::vector<int64_t> dims, at::Sc
   return fwd + "+" + bwd;
 }
 
+// cuda/monarch_ops.py's verdict for a call of these dims (dir fwd or fwd_h): "op", "ref", or "" if not measured.
+std::string verdict_key(const std::string& dir, const std::vector<int64_t>& dims, at::ScalarType st) {
+  TORCH_CHECK(dir == "fwd" || dir == "fwd_h", "cpu verdict: dir must be fwd or fwd_h, got ", dir);
+  TORCH_CHECK(dims.size() == 7, "cpu verdict: dims must be [B, K, P, Q, L, S, R]");
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  return route_key(("call_" + dir).c_str(), d, st);
+}
+
+std::string cpu_verdict(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st) {
+  const std::string key = verdict_key(dir, dims, st);
+  Tuner& t = tuner();
+  std::lock_guard<std::mutex> g(t.mu);
+  t.load();
+  auto it = t.verdicts.find(key);
+  return it == t.verdicts.end() ? std::string() : it->second;
+}
+
+void set_cpu_verdict(const std::string& dir, std::vector<int64_t> dims, at::ScalarType st,
+                     const std::string& verdict) {
+  TORCH_CHECK(verdict == kVerdictNames[0] || verdict == kVerdictNames[1], "cpu verdict must be ref or op, got ",
+              verdict);
+  const std::string key = verdict_key(dir, dims, st);
+  Tuner& t = tuner();
+  std::lock_guard<std::mutex> g(t.mu);
+  t.load();
+  t.verdicts[key] = verdict;
+  t.save();
+}
+
 void set_tune_file(const std::string& path) {
   Tuner& t = tuner();
   std::lock_guard<std::mutex> g(t.mu);
   t.file = path;
   t.loaded = false;
   t.table.clear();
+  t.verdicts.clear();
   t.gen++;
 }
 
@@ -1185,6 +1232,9 @@ TORCH_LIBRARY(monarch_seam, m) {
   // the same, deciding (measuring on synthetic inputs) if not decided yet; dir in fwd, fwd_h
   m.def("_cpu_decide(str dir, int[] dims, ScalarType dtype) -> str", &cpu_decide);
   // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
+  // cuda/monarch_ops.py's measured choice between the op and the Python reference, kept in the same file
+  m.def("_cpu_verdict(str dir, int[] dims, ScalarType dtype) -> str", &cpu_verdict);
+  m.def("_set_cpu_verdict(str dir, int[] dims, ScalarType dtype, str verdict) -> ()", &set_cpu_verdict);
   m.def("_set_tune_file(str path) -> ()", &set_tune_file);
   m.def("_load_tune_file() -> str", &load_tune_file);
   // the CUDA GEMM plan, for a CPU emulation test (see cuda/monarch_plan.h)

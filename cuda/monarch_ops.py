@@ -23,19 +23,22 @@ shape, interleaved rounds, best of each) and keeps the fastest (`aten` unless an
 the decisions are cached in `cpu_routes.txt` beside the build (MONARCH_SEAM_TUNE_FILE: elsewhere), so later
 processes on the same CPU do not measure again.
 `monarch_multiply` asks for that decision first (`cpu_path`, one dict lookup after the first call of a key;
-with autograd on, the decision covers the backward's route too) and, where it is `aten` (without autograd: the
-forward takes the two-bmm route; with autograd: the forward and the backward both do, or one does and the product
-is under 256 MFLOP, where the other's gain may not pay for the op's overhead), calls
-`layers.monarch.monarch_multiply_ref` itself instead of the op. There no compiled route is faster than the
-reference's algorithm (by more than its noise), and the reference (with autograd's own backward of its bmm
-calls) runs without the op's call and autograd-function overheads, so the product is never slower than the
-reference: typically at small token counts, where the wrapper alone had cost 2-7%. Otherwise it calls the op,
-each direction on its own route (one direction may be `aten`: e.g. 3072->768 at nblocks 4 on an Intel Xeon,
-whose forward gains little over the two-bmm algorithm and whose backward gains ~40% on the `blas` route).
-Products under 4 MFLOP (not measured) take the
-op's `aten` route: there the op's C++ calls cost less than the reference's Python ones. Under torch.compile the
-graph always calls the op (a decision cannot be a constant of a graph whose batch size may be symbolic); the
-op's own route choice then applies per call, its `aten` route being the reference's algorithm.
+with autograd on, the decision covers the backward's route too) and calls `layers.monarch.monarch_multiply_ref`
+itself instead of the op where
+  - every direction keeps the `aten` route (without autograd the forward, with it the forward and the backward):
+    no compiled route beats the reference's own algorithm there by more than its noise, and the reference runs
+    without the op's call and autograd-function overheads; or
+  - the product is under 256 MFLOP and the reference, timed against the op as a whole call (forward, or forward
+    and backward with autograd; on synthetic inputs, interleaved rounds, about 0.1 s, once per route key and
+    cached in the same file as a `call_` line), was not beaten by 5%: at small token counts the op's overhead
+    (~5 us a call, ~50 us a training step) can outweigh its route's gain, by an amount that differs between CPUs.
+So the product is never slower than the reference by more than the timing noise, whatever the shape and CPU;
+where it calls the reference the result is the reference's, bit for bit. Otherwise it calls the op, each
+direction on its own route (one direction may be `aten`: e.g. 3072->768 at nblocks 4 on an Intel Xeon, whose
+forward gains little over the two-bmm algorithm and whose backward gains ~40% on the `blas` route).
+Under torch.compile the graph always calls the op (a decision cannot be a constant of a graph whose batch size
+may be symbolic); the op's own route choice then applies per call, its `aten` route being the reference's
+algorithm.
 MONARCH_SEAM_CPU_ROUTE=engine|aten|blas forces one route of the op for every call, the reference branch
 included (e.g. for bit-identical runs across machines, since routes sum in different orders).
 
@@ -107,7 +110,8 @@ def _register():
         warnings.warn(f"monarch_seam: ignoring the CPU route cache {path}: {problem}; routes are measured "
                       "again and the file is rewritten", RuntimeWarning, stacklevel=3)
     global _forced_route
-    _forced_route = os.environ.get("MONARCH_SEAM_CPU_ROUTE", "auto") not in ("", "auto")
+    forced = os.environ.get("MONARCH_SEAM_CPU_ROUTE", "auto")
+    _forced_route = None if forced in ("", "auto") else forced  # (an invalid name: the op's first call raises)
     lib = "monarch_seam::"
     torch.library.register_fake(lib + "monarch_fwd")(_fwd_fake)
     torch.library.register_fake(lib + "monarch_fwd_h")(_fwd_h_fake)
@@ -190,38 +194,88 @@ selfcheck.register("monarch_multiply", _probe_cases)
 # ---------------------------------------------------------------- dispatch by shape (CPU)
 # (grad mode, dtype, rows, w1 shape, w2 shape, threads) -> the route the compiled op takes there, as decided
 # (measured once per key of the op's route choice, cached in cpu_routes.txt; see _cpu_decide in monarch.cpp).
-# "ref" where the reference's own two-bmm algorithm won there: monarch_multiply then calls the reference itself.
+# "ref" where the reference itself is the faster path: monarch_multiply then calls the reference.
 _route_memo = {}
-_forced_route = False  # MONARCH_SEAM_CPU_ROUTE is set: every call takes the op (read once, as in the C++ side)
+_forced_route = None  # MONARCH_SEAM_CPU_ROUTE: every call takes the op on this route (read once, as in the C++ side)
 _TUNE_FLOPS = 4e6  # products under this take the op's aten route without measuring (kTuneFlops in monarch.cpp)
-# With autograd, where only one direction beats the two-bmm route, the op runs only for products of at least this
-# many forward FLOPs: below it the gain (more than 5% of one direction) is not surely above the op's call and
-# autograd-function overhead (measured here: ~50 us for a training step at 8 tokens, 1024->1024 nblocks 4,
-# 17 MFLOP, where the op was 0.89-0.93x the reference); at 256 MFLOP 5% of the backward is ~80 us or more.
-_MIXED_FLOPS = 256e6
+# Products under this many forward FLOPs are also timed as whole calls, the op against the reference: there the
+# op's call and autograd-function overhead (~5 us without autograd, ~50 us for a training step, measured on the
+# 2-core test machines) is not surely below the gain of its route, which the C++ side measures without it (at
+# 8 tokens, 1024->1024 nblocks 4, the op's forward was 0.95x the reference on its fastest route; at 64 tokens
+# anywhere from 0.93x to 1.65x by CPU). From 256 MFLOP, 5% of a call is ~80 us or more: the route decides.
+_VERDICT_FLOPS = 256e6
+_VERDICT_MARGIN = 0.05  # the op must beat the reference by this (within it: timing noise; the reference wins)
+
+
+def _measure_verdict(need_grad, dtype, rows, w1_shape, w2_shape):
+    """"op" or "ref": which whole call is faster for this shape, the op on its decided routes or the reference,
+    timed on synthetic inputs as the caller would run it (forward, or forward and backward with autograd), in
+    interleaved rounds (op, ref, op, ref, ...; a burst of load slows a round of both), the best of each, about
+    0.1 s in all; the reference unless the op is faster by _VERDICT_MARGIN."""
+    import time
+    (k, q, p), (l, s, r) = w1_shape, w2_shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k * p, dtype=dtype, generator=gen)
+    w1 = torch.randn(k, q, p, dtype=dtype, generator=gen) / math.sqrt(p)
+    w2 = torch.randn(l, s, r, dtype=dtype, generator=gen) / math.sqrt(r)
+    grad = torch.randn(rows, l * s, dtype=dtype, generator=gen)
+    leaves = [t.requires_grad_(need_grad) for t in (x, w1, w2)]
+
+    def run(fn):
+        with torch.set_grad_enabled(need_grad):
+            y = fn(*leaves)
+            if need_grad:
+                torch.autograd.grad(y, leaves, grad)
+
+    paths = (_kernel_multiply, _monarch_product)
+    t0 = time.perf_counter()
+    for fn in paths:
+        run(fn)  # warm-up: first-touch allocations, thread pool
+    pair = max(time.perf_counter() - t0, 1e-7)
+    calls = max(1, int(2e-3 / pair))  # per timing: ~1 ms of each path, well above the clock's resolution
+    rounds = max(5, min(20, int(0.1 / (pair * calls))))
+    best = [math.inf, math.inf]
+    for _ in range(rounds):
+        for i, fn in enumerate(paths):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run(fn)
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls)
+    return "op" if best[0] * (1 + _VERDICT_MARGIN) < best[1] else "ref"
 
 
 def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
     (k, q, p), (l, s, r) = w1_shape, w2_shape
     flops = 2.0 * rows * (k * q * p + l * s * r)
-    if dtype not in (torch.float32, torch.float64) or flops < _TUNE_FLOPS:
-        # other dtypes: the op (float32 inside); small products: the op's two-bmm route, whose C++ calls cost
-        # less than the reference's Python ones (the reference's algorithm, without its per-call overhead)
-        return "aten"
-    route = torch.ops.monarch_seam._cpu_decide("fwd_h" if need_grad else "fwd", [rows, k, p, q, l, s, r], dtype)
-    # "fwd_h" answers "fwd+bwd": the reference where both directions keep the two-bmm route, and where one does
-    # and the product is too small for the other's gain to pay the op's overhead
-    if not _forced_route and (route in ("aten", "aten+aten") or ("aten" in route.split("+") and flops < _MIXED_FLOPS)):
-        return "ref"
-    return route
+    if _forced_route:
+        return _forced_route + ("+" + _forced_route if need_grad else "")
+    if dtype not in (torch.float32, torch.float64):
+        return "aten"  # the op computes in float32 inside; the reference would run in the low precision
+    direction, dims = ("fwd_h" if need_grad else "fwd"), [rows, k, p, q, l, s, r]
+    if flops < _TUNE_FLOPS:
+        route = "aten"  # the op's two-bmm route, not measured (C++ calls cost less than the reference's Python ones)
+    else:
+        # "fwd_h" answers "fwd+bwd"; where every direction keeps the two-bmm route, the op would run the
+        # reference's algorithm plus its own overhead: the reference
+        route = torch.ops.monarch_seam._cpu_decide(direction, dims, dtype)
+        if route in ("aten", "aten+aten"):
+            return "ref"
+    if flops >= _VERDICT_FLOPS:
+        return route
+    verdict = torch.ops.monarch_seam._cpu_verdict(direction, dims, dtype)
+    if not verdict:
+        verdict = _measure_verdict(need_grad, dtype, rows, w1_shape, w2_shape)
+        torch.ops.monarch_seam._set_cpu_verdict(direction, dims, dtype, verdict)
+    return "ref" if verdict == "ref" else route
 
 
 def cpu_path(x, w1, w2):
     """Which CPU path ``monarch_multiply(x, w1, w2)`` takes in the current grad mode: "ref" (the reference,
     ``layers.monarch.monarch_multiply_ref``, itself) or the compiled op's route: without autograd "engine",
     "aten" or "blas"; with autograd the forward's and the backward's, "fwd+bwd" (e.g. "aten+blas"); "aten" for
-    products under 4 MFLOP and dtypes other than float32/float64.
-    Decides (measures) the route if this shape has not been seen; see the module docstring. While
+    products under 4 MFLOP that the op wins and for dtypes other than float32/float64.
+    Decides (measures the routes, and under 256 MFLOP the op against the reference) if this shape key has not
+    been seen on this CPU; see the module docstring. While
     torch.compile traces it is "op": the compiled op, which picks its route per call at run time."""
     if torch.compiler.is_compiling():
         # in a compiled graph the op itself (whose route is decided per call at run time): a route decision
@@ -244,9 +298,9 @@ def monarch_multiply(x, w1, w2):
     """Monarch product with the compiled op. x (..., K*P), w1 (K, Q, P), w2 (L, S, R),
     K*Q == L*R -> (..., L*S). Differentiable in x, w1, w2. On the CPU the path is picked per call from the
     shape (see ``cpu_path`` and the module docstring): where no compiled route beats the reference's two-bmm
-    algorithm by 5% (measured once per shape key, for the backward too when autograd is on) this calls
-    ``layers.monarch.monarch_multiply_ref`` itself, so the result is the reference's, bit for bit, at its speed;
-    products under 4 MFLOP take the op's two-bmm route. Raises NotImplementedError for a device it has no kernel
+    algorithm by 5% (measured once per shape key, for the backward too when autograd is on), and under 256 MFLOP
+    where the whole op call does not beat the reference by 5%, this calls ``layers.monarch.monarch_multiply_ref``
+    itself, so the result is the reference's, bit for bit, at its speed. Raises NotImplementedError for a device it has no kernel
     for, and selfcheck.SelfCheckFailed (a NotImplementedError) where the kernel failed its self-check."""
     _check(x, w1, w2)
     # Plain global flags first, so that torch.compile only sees the op call once things are loaded.

@@ -241,6 +241,67 @@ def test_monarch_cpu_route_cache(ops, tmp_path):
     assert path.read_text().splitlines()[0] == lines[0]
 
 
+# The op-versus-reference verdict (products under 256 MFLOP): measured as whole calls on the first call of a key,
+# written to the route file as a "call_" line, read back by the next process without measuring; the path follows
+# it ("ref": the reference itself, bit for bit). A verdict line with a value other than op/ref fails its check.
+VERDICT_SCRIPT = """
+import json, torch
+from cuda import monarch_ops
+from layers.monarch import monarch_multiply_ref
+assert monarch_ops.kernel_available()[0]
+measured = []
+real = monarch_ops._measure_verdict
+def spy(*a):
+    measured.append(a[:3])
+    return FORCE or real(*a)
+monarch_ops._measure_verdict = spy
+g = torch.Generator().manual_seed(0)
+x, w1, w2 = torch.randn(48, 64, generator=g), torch.randn(4, 16, 16, generator=g), torch.randn(4, 16, 16, generator=g)
+with torch.no_grad():
+    path = monarch_ops.cpu_path(x, w1, w2)
+    same = torch.equal(monarch_ops.monarch_multiply(x, w1, w2), monarch_multiply_ref(x, w1, w2))
+leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+gpath = monarch_ops.cpu_path(*leaves)
+print(json.dumps({"path": path, "gpath": gpath, "same": same, "measured": [[a, str(b), c] for a, b, c in measured],
+                  "verdict": torch.ops.monarch_seam._cpu_verdict("fwd", [48, 4, 16, 16, 4, 16, 16], torch.float32)}))
+"""
+
+
+def _run_verdict(path, force=None):
+    env = dict(os.environ, MONARCH_SEAM_TUNE_FILE=str(path), OMP_NUM_THREADS="2")
+    env.pop("MONARCH_SEAM_CPU_ROUTE", None)
+    res = subprocess.run([sys.executable, "-c", f"FORCE = {force!r}\n" + VERDICT_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+
+def test_monarch_cpu_verdict_measured_cached_and_followed(ops, tmp_path):
+    path = tmp_path / "routes.txt"
+    first, _ = _run_verdict(path)  # measured for real: either answer is right, the path must follow it
+    assert first["measured"] == [[False, "torch.float32", 48], [True, "torch.float32", 48]], first
+    assert first["verdict"] in ("op", "ref")
+    assert first["path"] == ("ref" if first["verdict"] == "ref" else "aten"), first  # 0.4 MFLOP: the aten route
+    assert first["same"] or first["path"] != "ref"
+    lines = path.read_text().splitlines()
+    calls = [ln for ln in lines if ln.startswith("call_")]
+    assert sorted(ln.split(" ")[0] for ln in calls) == ["call_fwd", "call_fwd_h"], lines
+    assert all(ln.split(" ")[1] == "B<=64" and ln.split("\t")[1] in ("op", "ref") for ln in calls), calls
+    second, _ = _run_verdict(path, force="op")  # read back: nothing measured, same paths
+    assert second["measured"] == [] and (second["path"], second["gpath"]) == (first["path"], first["gpath"])
+
+    for want, path_want in (("ref", "ref"), ("op", "aten")):  # a fresh file each: the path follows the verdict
+        fresh = tmp_path / f"routes_{want}.txt"
+        got, _ = _run_verdict(fresh, force=want)
+        assert (got["path"], got["gpath"], got["verdict"]) == (path_want, path_want, want), got
+        assert got["same"] or want == "op"  # the reference branch is the reference, bit for bit
+
+    key, value, check = calls[0].split("\t")
+    path.write_text("\n".join([lines[0], f"{key}\tengine\t{_fnv1a(key + chr(9) + 'engine')}"]) + "\n")
+    damaged, err = _run_verdict(path, force="ref")  # a route name where a verdict belongs: ignored, warned
+    assert "fails its check" in err and len(damaged["measured"]) == 2, (damaged, err[-500:])
+
+
 def test_monarch_cpu_isa_override_rejects_bad_value():
     env = dict(os.environ, MONARCH_SEAM_CPU_ISA="sse9")
     code = "from cuda import monarch_ops; monarch_ops.kernel_available(); import torch; torch.ops.monarch_seam.cpu_isa()"
@@ -747,17 +808,25 @@ def _fnv1a(text):
 def test_monarch_cpu_dispatch_by_shape(ops, tmp_path):
     # (name, (k, q, p, l, s, r), leading batch, routes written to the file as {dir: route}, expected cpu_path
     # without and with autograd). Threads are fixed at 2 so that the keys below are the ones looked up.
-    spec = [("op", (4, 20, 25, 4, 75, 20), [3, 100], {"fwd": "engine", "fwd_h": "blas", "bwd_h": "engine"},
+    # Under 256 MFLOP the op-versus-reference verdicts ("call_" lines) are in the file too.
+    spec = [("op", (4, 20, 25, 4, 75, 20), [3, 100],
+             {"fwd": "engine", "fwd_h": "blas", "bwd_h": "engine", "call_fwd": "op", "call_fwd_h": "op"},
              "engine", "blas+engine"),
-            ("ref without autograd where fwd chooses aten (and with it, under 256 MFLOP)", (3, 30, 50, 3, 30, 30),
-             [400], {"fwd": "aten", "fwd_h": "engine", "bwd_h": "aten"}, "ref", "ref"),
-            ("ref in training where only fwd_h chooses aten, under 256 MFLOP", (2, 48, 64, 4, 40, 24), [600],
-             {"fwd": "blas", "fwd_h": "aten", "bwd_h": "engine"}, "blas", "ref"),
-            ("the op in training where only fwd_h chooses aten, 268 MFLOP", (2, 128, 128, 2, 128, 128), [2048],
-             {"fwd": "aten", "fwd_h": "aten", "bwd_h": "blas"}, "ref", "aten+blas"),
-            ("ref in training where both directions choose aten", (2, 40, 48, 4, 30, 20), [500],
-             {"fwd": "engine", "fwd_h": "aten", "bwd_h": "aten"}, "engine", "ref"),
-            ("under 4 MFLOP: the op's aten route", (4, 8, 8, 4, 8, 8), [7], {}, "aten", "aten")]
+            ("ref without autograd where fwd chooses aten; in training where the op lost its verdict",
+             (3, 30, 50, 3, 30, 30), [400], {"fwd": "aten", "fwd_h": "engine", "bwd_h": "aten", "call_fwd_h": "ref"},
+             "ref", "ref"),
+            ("the op where it won its verdict (fwd: blas), ref where it lost it (fwd_h: aten+engine)",
+             (2, 48, 64, 4, 40, 24), [600],
+             {"fwd": "blas", "fwd_h": "aten", "bwd_h": "engine", "call_fwd": "op", "call_fwd_h": "ref"},
+             "blas", "ref"),
+            ("the op in training where only fwd_h chooses aten, 268 MFLOP: no verdict", (2, 128, 128, 2, 128, 128),
+             [2048], {"fwd": "aten", "fwd_h": "aten", "bwd_h": "blas"}, "ref", "aten+blas"),
+            ("ref in training where both directions choose aten: no verdict", (2, 40, 48, 4, 30, 20), [500],
+             {"fwd": "engine", "fwd_h": "aten", "bwd_h": "aten", "call_fwd": "op"}, "engine", "ref"),
+            ("under 4 MFLOP: the op's aten route where the op won", (4, 8, 8, 4, 8, 8), [7],
+             {"call_fwd": "op", "call_fwd_h": "op"}, "aten", "aten"),
+            ("under 4 MFLOP: the reference where it won", (4, 8, 8, 4, 8, 8), [33],
+             {"call_fwd": "ref", "call_fwd_h": "ref"}, "ref", "ref")]
     lines = []
     for name, (k, q, p, l, s, r), lead, routes, _, _ in spec:
         rows = math.prod(lead)
