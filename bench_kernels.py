@@ -20,9 +20,11 @@ The dense baseline of every measurement is the faster of F.linear (MKL, which ta
 AMD CPUs) and the same layer through oneDNN (`dense_onednn`: torch's packed-weight linear, AVX-512 wherever
 the CPU has it); the `baseline` column names it and speedup / ratio is computed against it. The `route`
 column names the CPU route the Monarch kernel chose for the shape (see cuda/monarch.cpp, "route choice"), or
-`ref` where `monarch_multiply` calls the reference itself there (cuda/monarch_ops.py, dispatch by shape):
-it is measured on the first call of a shape and cached; delete the cache file (cuda/build.cpu_build_dir(),
-cpu_routes.txt) to measure again on a quiet machine.
+`ref` where `monarch_multiply` calls the reference itself there (cuda/monarch_ops.py, dispatch by shape: no
+route beats the two-bmm one, or, under 256 MFLOP, the whole op call did not beat the reference when the two were
+timed): it is measured on the first call of a shape and cached; delete the cache file
+(`rm "$(python -c 'from cuda import build; print(build.cpu_build_dir())')/cpu_routes.txt"`) to measure again on a
+quiet machine.
 
 On Linux a fresh multi-MiB output tensor costs its page faults on first touch (measured here: 24 ms for a
 4096 x 3072 float32 tensor against 1.5 ms to refill an existing one), which weighs on every method alike and

@@ -222,7 +222,8 @@ def _measure_verdict(need_grad, dtype, rows, w1_shape, w2_shape):
     leaves = [t.requires_grad_(need_grad) for t in (x, w1, w2)]
 
     def run(fn):
-        with torch.set_grad_enabled(need_grad):
+        # (autocast off: the caller's dtype is the one decided for; autocast would run the reference's bmm lower)
+        with torch.set_grad_enabled(need_grad), torch.autocast("cpu", enabled=False):
             y = fn(*leaves)
             if need_grad:
                 torch.autograd.grad(y, leaves, grad)
