@@ -254,7 +254,7 @@ def _decide(need_grad, dtype, rows, w1_shape, w2_shape):
         return "aten"  # the op computes in float32 inside; the reference would run in the low precision
     direction, dims = ("fwd_h" if need_grad else "fwd"), [rows, k, p, q, l, s, r]
     if flops < _TUNE_FLOPS:
-        route = "aten"  # the op's two-bmm route, not measured (C++ calls cost less than the reference's Python ones)
+        route = "aten"  # the op's route at this size (routes are not timed here); the verdict below decides
     else:
         # "fwd_h" answers "fwd+bwd"; where every direction keeps the two-bmm route, the op would run the
         # reference's algorithm plus its own overhead: the reference
