@@ -308,6 +308,8 @@ def monarch_multiply(x, w1, w2):
     if not _registered:
         _register()
     if x.is_cpu:
+        # the self-check first: the path decision may time the op (the verdict), which must not run untested
+        selfcheck.ensure("monarch_multiply", x.device, x.dtype)
         if cpu_path(x, w1, w2) == "ref":
             return _monarch_product(x, w1, w2)  # monarch_multiply_ref, its checks made above
     elif x.is_cuda:
@@ -315,7 +317,7 @@ def monarch_multiply(x, w1, w2):
             ok, err = build.load_cuda()
             if not ok:  # NotImplementedError: the layers' documented signal to fall back to the reference
                 raise NotImplementedError(f"monarch_seam CUDA kernels unavailable: {err}")
+        selfcheck.ensure("monarch_multiply", x.device, x.dtype)
     else:
         raise NotImplementedError(f"no monarch_seam kernel for device {x.device.type!r}")
-    selfcheck.ensure("monarch_multiply", x.device, x.dtype)
     return _kernel_multiply(x, w1, w2)

@@ -30,14 +30,21 @@ def ops():
     return monarch_ops, butterfly_ops
 
 
-@pytest.fixture
-def fresh(ops, monkeypatch):
-    """No cached probe results, no fallback warned yet, the probe on (whatever the environment says)."""
+def _reset(monkeypatch):
     monkeypatch.delenv("MONARCH_SEAM_SKIP_SELFCHECK", raising=False)
     monkeypatch.setattr(selfcheck, "_results", {})
     for layer in (mon, bfly):
         monkeypatch.setattr(layer, "_kernel_state", None)
         monkeypatch.setattr(layer, "_warned_fallback", False)
+
+
+@pytest.fixture
+def fresh(ops, monkeypatch):
+    """No cached probe results, no fallback warned yet, the probe on (whatever the environment says)."""
+    _reset(monkeypatch)
+    # these tests' products are tiny, where the CPU dispatch may call the reference itself (its timed verdict):
+    # the op's path instead, so that what is tested is the op behind the self-check
+    monkeypatch.setattr(ops[0], "cpu_path", lambda x, w1, w2: "aten")
     return ops
 
 
@@ -154,6 +161,25 @@ def test_wrong_monarch_op_is_caught(fresh, monkeypatch, kind):
         mon.monarch_multiply(x, w1, w2, impl="kernel")
     with pytest.raises(RuntimeError, match="self-check failed"):  # SelfCheckFailed is a RuntimeError too
         mon.MonarchLinear(24, 96, nblocks=4, impl="kernel")(xs)
+
+
+def test_crashing_op_is_not_timed_before_its_self_check(ops, monkeypatch, tmp_path):
+    """The real dispatch (which may time the op against the reference for a small product) runs only after the
+    self-check: a crashing op is caught by the probe, warned once, and the reference answers."""
+    monarch_ops, _ = ops
+    _reset(monkeypatch)
+    monkeypatch.setattr(monarch_ops, "_route_memo", {})
+    monkeypatch.setattr(monarch_ops, "_kernel_multiply", _crash)
+    torch.ops.monarch_seam._set_tune_file(str(tmp_path / "routes.txt"))  # nothing decided yet
+    try:
+        x, w1, w2 = monarch_inputs(rows=5)
+        out, warned = recording(mon.monarch_multiply, x, w1, w2, impl="auto")
+    finally:
+        from cuda import build
+        torch.ops.monarch_seam._set_tune_file(os.environ.get("MONARCH_SEAM_TUNE_FILE") or os.path.join(
+            build.cpu_build_dir(), "cpu_routes.txt"))
+    assert torch.equal(out, mon.monarch_multiply_ref(x, w1, w2))
+    assert len(warned) == 1 and "self-check failed" in warned[0] and "illegal memory access" in warned[0], warned
 
 
 def test_wrong_butterfly_op_is_caught(fresh, monkeypatch):
