@@ -1231,10 +1231,10 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
   // the same, deciding (measuring on synthetic inputs) if not decided yet; dir in fwd, fwd_h
   m.def("_cpu_decide(str dir, int[] dims, ScalarType dtype) -> str", &cpu_decide);
-  // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
   // cuda/monarch_ops.py's measured choice between the op and the Python reference, kept in the same file
   m.def("_cpu_verdict(str dir, int[] dims, ScalarType dtype) -> str", &cpu_verdict);
   m.def("_set_cpu_verdict(str dir, int[] dims, ScalarType dtype, str verdict) -> ()", &set_cpu_verdict);
+  // where the CPU route decisions are stored (set at load by cuda/monarch_ops.py)
   m.def("_set_tune_file(str path) -> ()", &set_tune_file);
   m.def("_load_tune_file() -> str", &load_tune_file);
   // the CUDA GEMM plan, for a CPU emulation test (see cuda/monarch_plan.h)

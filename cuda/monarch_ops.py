@@ -92,6 +92,11 @@ def _backward_fwd_h(ctx, grad, grad_h):
     return tuple(torch.ops.monarch_seam.monarch_bwd(grad, x, w1, w2, h))
 
 
+def tune_file_path():
+    """The CPU route file: MONARCH_SEAM_TUNE_FILE, else cpu_routes.txt in the CPU extension's build folder."""
+    return os.environ.get("MONARCH_SEAM_TUNE_FILE") or os.path.join(build.cpu_build_dir(), "cpu_routes.txt")
+
+
 def _register():
     """Load the extension and register the Python-side pieces once. Raises on failure."""
     global _registered
@@ -103,7 +108,7 @@ def _register():
     # The CPU op's per-shape route decisions (see "route choice" in cuda/monarch.cpp) live beside the build
     # (MONARCH_SEAM_TUNE_FILE: elsewhere). A file from another CPU or with a damaged line is ignored, once,
     # loudly, and rewritten with what this process measures.
-    path = os.environ.get("MONARCH_SEAM_TUNE_FILE") or os.path.join(build.cpu_build_dir(), "cpu_routes.txt")
+    path = tune_file_path()
     torch.ops.monarch_seam._set_tune_file(path)
     problem = torch.ops.monarch_seam._load_tune_file()
     if problem:

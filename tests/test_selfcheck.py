@@ -175,9 +175,7 @@ def test_crashing_op_is_not_timed_before_its_self_check(ops, monkeypatch, tmp_pa
         x, w1, w2 = monarch_inputs(rows=5)
         out, warned = recording(mon.monarch_multiply, x, w1, w2, impl="auto")
     finally:
-        from cuda import build
-        torch.ops.monarch_seam._set_tune_file(os.environ.get("MONARCH_SEAM_TUNE_FILE") or os.path.join(
-            build.cpu_build_dir(), "cpu_routes.txt"))
+        torch.ops.monarch_seam._set_tune_file(monarch_ops.tune_file_path())
     assert torch.equal(out, mon.monarch_multiply_ref(x, w1, w2))
     assert len(warned) == 1 and "self-check failed" in warned[0] and "illegal memory access" in warned[0], warned
 
