@@ -13,10 +13,10 @@
 // things are reordered explicitly, both on a tile that is in cache: the output block l is scattered into
 // out[b, s*L + l], and in the backward pass dh is brought back to its natural layout.
 //
-// The register kernel is written once with GCC vector extensions and compiled three times with
-// function-level target attributes (AVX-512: 8x48 floats / 8x24 doubles, AVX2+FMA: 4x24 / 4x12,
-// baseline SSE2: 4x12 / 4x6); the best one the CPU supports is chosen at load time
-// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests). Two more routes (ATen's two-bmm
+// The register kernel is written once with GCC vector extensions and compiled for three ISAs with
+// function-level target attributes (AVX-512, AVX2+FMA, baseline SSE2), each in three or four panel widths
+// (AVX-512 floats: 8x48, 6x64, 8x32, 8x16); the best ISA the CPU supports is chosen at load time
+// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests), the width per GEMM from its N. Two more routes (ATen's two-bmm
 // algorithm and the BLAS that torch ships, on strided views) compete with it per shape: see "routes".
 //
 // The butterfly ops (schemas below) are implemented in cuda/butterfly_cpu.cpp.
@@ -63,12 +63,15 @@ struct Vec {
 // columns) would cost a fifth of the product. Rows at or beyond mvalid read row 0 (results discarded).
 // The accumulators live in registers for the whole k loop: with AVX-512 and 8x48 floats that is 24 zmm
 // accumulators + 3 for B.
+constexpr int kEdge = 8 * 48;  // most elements of any kernel's MR x NV*W block (gemm's ragged-edge buffer)
+
 template <class T, int VB, int MR, int NV>
 static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const T* __restrict A, int64_t ars,
                                                                int64_t acs, int mvalid, const T* __restrict B,
                                                                T* __restrict C, int64_t ldc, bool acc) {
   typedef typename Vec<T, VB>::type V;
   constexpr int W = VB / sizeof(T);
+  static_assert(MR * NV * W <= kEdge, "the ragged-edge buffer must hold one kernel block");
   const T* ap[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) ap[i] = A + (i < mvalid ? i : 0) * ars;
@@ -106,18 +109,38 @@ static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const
 template <class T>
 using UkFn = void (*)(int64_t, const T*, int64_t, int64_t, int, const T*, T*, int64_t, bool);
 
-// One register kernel per dtype and ISA: the same body, compiled under each target attribute.
-#define MONARCH_SEAM_UK(NAME, T, TARGET, VB, MR)                                                   \
+// Register kernels per dtype and ISA: the same body, compiled under each target attribute, in up to four
+// widths of NV vectors (the panel width nr = NV*W), so that a GEMM whose N is not a multiple of one width
+// wastes little on padding (N = 64 in 48-wide panels computes 96 columns; the block products of nblocks 16
+// layers and of ViTAE's MLPs are 64 wide). MR x NV accumulators fill the registers: 24 of the 32 zmm with
+// AVX-512, 12 of the 16 ymm/xmm otherwise (a 4-wide AVX2/SSE2 kernel would leave no register for B).
+#define MONARCH_SEAM_UK(NAME, T, TARGET, VB, MR, NV)                                               \
   TARGET void NAME(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,  \
                    int64_t ldc, bool acc) {                                                          \
-    ukernel_body<T, VB, MR, 3>(kc, A, ars, acs, mvalid, B, C, ldc, acc);                          \
+    ukernel_body<T, VB, MR, NV>(kc, A, ars, acs, mvalid, B, C, ldc, acc);                         \
   }
-MONARCH_SEAM_UK(uk_f32_avx512, float, __attribute__((target("avx512f"))), 64, 8)    // 8 x 48 floats
-MONARCH_SEAM_UK(uk_f64_avx512, double, __attribute__((target("avx512f"))), 64, 8)   // 8 x 24 doubles
-MONARCH_SEAM_UK(uk_f32_avx2, float, __attribute__((target("avx2,fma"))), 32, 4)     // 4 x 24 floats
-MONARCH_SEAM_UK(uk_f64_avx2, double, __attribute__((target("avx2,fma"))), 32, 4)    // 4 x 12 doubles
-MONARCH_SEAM_UK(uk_f32_base, float, , 16, 4)                                        // 4 x 12 floats (SSE2)
-MONARCH_SEAM_UK(uk_f64_base, double, , 16, 4)                                       // 4 x 6 doubles
+#define MONARCH_SEAM_AVX512 __attribute__((target("avx512f")))
+#define MONARCH_SEAM_AVX2 __attribute__((target("avx2,fma")))
+MONARCH_SEAM_UK(uk_f32_avx512_4, float, MONARCH_SEAM_AVX512, 64, 6, 4)    // 6 x 64 floats
+MONARCH_SEAM_UK(uk_f32_avx512_3, float, MONARCH_SEAM_AVX512, 64, 8, 3)    // 8 x 48
+MONARCH_SEAM_UK(uk_f32_avx512_2, float, MONARCH_SEAM_AVX512, 64, 8, 2)    // 8 x 32
+MONARCH_SEAM_UK(uk_f32_avx512_1, float, MONARCH_SEAM_AVX512, 64, 8, 1)    // 8 x 16
+MONARCH_SEAM_UK(uk_f64_avx512_4, double, MONARCH_SEAM_AVX512, 64, 6, 4)   // 6 x 32 doubles
+MONARCH_SEAM_UK(uk_f64_avx512_3, double, MONARCH_SEAM_AVX512, 64, 8, 3)   // 8 x 24
+MONARCH_SEAM_UK(uk_f64_avx512_2, double, MONARCH_SEAM_AVX512, 64, 8, 2)   // 8 x 16
+MONARCH_SEAM_UK(uk_f64_avx512_1, double, MONARCH_SEAM_AVX512, 64, 8, 1)   // 8 x 8
+MONARCH_SEAM_UK(uk_f32_avx2_3, float, MONARCH_SEAM_AVX2, 32, 4, 3)        // 4 x 24 floats
+MONARCH_SEAM_UK(uk_f32_avx2_2, float, MONARCH_SEAM_AVX2, 32, 6, 2)        // 6 x 16
+MONARCH_SEAM_UK(uk_f32_avx2_1, float, MONARCH_SEAM_AVX2, 32, 8, 1)        // 8 x 8
+MONARCH_SEAM_UK(uk_f64_avx2_3, double, MONARCH_SEAM_AVX2, 32, 4, 3)       // 4 x 12 doubles
+MONARCH_SEAM_UK(uk_f64_avx2_2, double, MONARCH_SEAM_AVX2, 32, 6, 2)       // 6 x 8
+MONARCH_SEAM_UK(uk_f64_avx2_1, double, MONARCH_SEAM_AVX2, 32, 8, 1)       // 8 x 4
+MONARCH_SEAM_UK(uk_f32_base_3, float, , 16, 4, 3)                         // 4 x 12 floats (SSE2)
+MONARCH_SEAM_UK(uk_f32_base_2, float, , 16, 6, 2)                         // 6 x 8
+MONARCH_SEAM_UK(uk_f32_base_1, float, , 16, 8, 1)                         // 8 x 4
+MONARCH_SEAM_UK(uk_f64_base_3, double, , 16, 4, 3)                        // 4 x 6 doubles
+MONARCH_SEAM_UK(uk_f64_base_2, double, , 16, 6, 2)                        // 6 x 4
+MONARCH_SEAM_UK(uk_f64_base_1, double, , 16, 8, 1)                        // 8 x 2
 #undef MONARCH_SEAM_UK
 
 // ---------------------------------------------------------------- block interleave
@@ -284,22 +307,64 @@ struct Engine {
   IlFn<T> il;   // the output permutation (interleave of L blocks)
   IlFn<T> dil;  // its inverse (a tile's h split into L contiguous groups)
 };
+
+// A register kernel of one width: MR rows, NV vectors, and its speed relative to the ISA's first (8 x 3) kernel
+// on panels that need no padding. The figures are rough (measured with forced widths on an Intel Xeon with
+// AVX-512, 2026-12-03: 6 x 64 ran 768->3072 at ~0.93 of 8 x 48, 8 x 32 ran 64-wide products below 6 x 64;
+// 8 x 16 needs 9 loads per 8 FMAs): they only break near-ties, the padding decides the rest (N = 64: 64
+// columns in 6 x 64 against 96 in 8 x 48).
 template <class T>
-Engine<T> engine();
+struct Width {
+  int mr, nv;
+  UkFn<T> fn;
+  double speed;
+};
+
+// The engine for GEMMs with N output columns: the width whose padded panels cost least (columns computed
+// over relative speed); ties go to the earlier (wider) entry. Every B operand is packed with the nr of the
+// engine that multiplies it (pack_b and gemm take the same Engine).
+template <class T>
+Engine<T> pick(int64_t N, int W, std::initializer_list<Width<T>> ws, IlFn<T> il, IlFn<T> dil) {
+  const Width<T>* best = nullptr;
+  double best_cost = 0;
+  for (const Width<T>& w : ws) {
+    const int64_t nr = int64_t(w.nv) * W;
+    const double cost = double((std::max<int64_t>(N, 1) + nr - 1) / nr * nr) / w.speed;
+    if (best == nullptr || cost < best_cost * (1 - 1e-9)) best = &w, best_cost = cost;
+  }
+  return {best->mr, best->nv * W, best->fn, il, dil};
+}
+
+template <class T>
+Engine<T> engine(int64_t N);
 template <>
-Engine<float> engine<float>() {
+Engine<float> engine<float>(int64_t N) {
   switch (isa()) {
-    case kAvx512: return {8, 48, uk_f32_avx512, il_f32_avx512, dil_f32_avx512};
-    case kAvx2: return {4, 24, uk_f32_avx2, il_f32_avx2, dil_f32_avx2};
-    default: return {4, 12, uk_f32_base, il_f32_base, dil_f32_base};
+    case kAvx512:
+      return pick<float>(N, 16, {{8, 3, uk_f32_avx512_3, 1.0}, {6, 4, uk_f32_avx512_4, 0.93},
+                                 {8, 2, uk_f32_avx512_2, 0.90}, {8, 1, uk_f32_avx512_1, 0.8}},
+                         il_f32_avx512, dil_f32_avx512);
+    case kAvx2:
+      return pick<float>(N, 8, {{4, 3, uk_f32_avx2_3, 1.0}, {6, 2, uk_f32_avx2_2, 0.95}, {8, 1, uk_f32_avx2_1, 0.8}},
+                         il_f32_avx2, dil_f32_avx2);
+    default:
+      return pick<float>(N, 4, {{4, 3, uk_f32_base_3, 1.0}, {6, 2, uk_f32_base_2, 0.95}, {8, 1, uk_f32_base_1, 0.8}},
+                         il_f32_base, dil_f32_base);
   }
 }
 template <>
-Engine<double> engine<double>() {
+Engine<double> engine<double>(int64_t N) {
   switch (isa()) {
-    case kAvx512: return {8, 24, uk_f64_avx512, il_f64_avx512, dil_f64_avx512};
-    case kAvx2: return {4, 12, uk_f64_avx2, il_f64_avx2, dil_f64_avx2};
-    default: return {4, 6, uk_f64_base, il_f64_base, dil_f64_base};
+    case kAvx512:
+      return pick<double>(N, 8, {{8, 3, uk_f64_avx512_3, 1.0}, {6, 4, uk_f64_avx512_4, 0.93},
+                                 {8, 2, uk_f64_avx512_2, 0.90}, {8, 1, uk_f64_avx512_1, 0.8}},
+                          il_f64_avx512, dil_f64_avx512);
+    case kAvx2:
+      return pick<double>(N, 4, {{4, 3, uk_f64_avx2_3, 1.0}, {6, 2, uk_f64_avx2_2, 0.95}, {8, 1, uk_f64_avx2_1, 0.8}},
+                          il_f64_avx2, dil_f64_avx2);
+    default:
+      return pick<double>(N, 2, {{4, 3, uk_f64_base_3, 1.0}, {6, 2, uk_f64_base_2, 0.95}, {8, 1, uk_f64_base_1, 0.8}},
+                          il_f64_base, dil_f64_base);
   }
 }
 
@@ -310,9 +375,7 @@ inline int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
 // of the L2.
 template <class T>
 int64_t kc_of(const Engine<T>& e) {
-  static const int64_t v = std::max<int64_t>(
-      32, std::min<int64_t>(512, round_down(l1_bytes() * 3 / 4 / (e.nr * int64_t(sizeof(T))), 16)));
-  return v;
+  return std::max<int64_t>(32, std::min<int64_t>(512, round_down(l1_bytes() * 3 / 4 / (e.nr * int64_t(sizeof(T))), 16)));
 }
 
 template <class T>
@@ -374,7 +437,7 @@ void gemm(const Engine<T>& e, int64_t M, int64_t N, int64_t K, const T* a, int64
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
-  alignas(64) T edge[8 * 48];
+  alignas(64) T edge[kEdge];
   const int64_t kcb = kc_of(e), mcb = mc_of(e, kcb);
   for (int64_t pc = 0; pc < K; pc += kcb) {
     const int64_t kc = std::min(kcb, K - pc);
@@ -475,11 +538,11 @@ void stage1_tile(const Engine<T>& e, const Dims& d, const T* x, const T* w1p, in
 
 template <class T>
 void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hsave) {
-  const Engine<T> e = engine<T>();
+  const Engine<T> e = engine<T>(d.S), e1 = engine<T>(d.Q);  // stage 2 makes S columns, stage 1 Q
   const int64_t KQ = d.K * d.Q, LS = d.L * d.S;
   int64_t w1s, w2s;
-  const T* w1p = pack_weights(e, w1, d.K, d.Q, d.P, true, kW1, &w1s);  // B(p, q) = w1[k, q, p]
-  const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, true, kW2, &w2s);  // B(r, s) = w2[l, s, r]
+  const T* w1p = pack_weights(e1, w1, d.K, d.Q, d.P, true, kW1, &w1s);  // B(p, q) = w1[k, q, p]
+  const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, true, kW2, &w2s);   // B(r, s) = w2[l, s, r]
   const int64_t tile = tile_rows(d.B, 2 * KQ * int64_t(sizeof(T))), ntiles = (d.B + tile - 1) / tile;
   // output columns per chunk: a chunk's L blocks (L x tile x sc) take at most a quarter of the L2
   const int64_t sc = std::min(
@@ -491,7 +554,7 @@ void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hs
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
       T* H = hsave ? hsave + b0 * KQ : hbuf;
-      stage1_tile(e, d, x, w1p, w1s, b0, tb, H);
+      stage1_tile(e1, d, x, w1p, w1s, b0, tb, H);
       if (d.L == 1) {  // no permutation at all: straight into out
         gemm(e, tb, d.S, d.R, H, KQ, 1, w2p, out + b0 * LS, LS, false);
         continue;
@@ -521,12 +584,13 @@ void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hs
 template <class T>
 void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, const T* hsaved, T* dx, T* dw1,
               T* dw2) {
-  const Engine<T> e = engine<T>();
+  // engines by the width of what they make: R columns (dS, dw2), P (dx, dw1), Q (h, when recomputed)
+  const Engine<T> eR = engine<T>(d.R), eP = engine<T>(d.P), eQ = engine<T>(d.Q);
   const int64_t KP = d.K * d.P, KQ = d.K * d.Q, LS = d.L * d.S;
   int64_t w1s, w2s, w1ts = 0;
-  const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, false, kW2, &w2s);  // B(s, r) = w2[l, s, r]
-  const T* w1p = pack_weights(e, w1, d.K, d.Q, d.P, false, kW1, &w1s);  // B(q, p) = w1[k, q, p]
-  const T* w1tp = hsaved ? nullptr : pack_weights(e, w1, d.K, d.Q, d.P, true, kW1T, &w1ts);  // recompute
+  const T* w2p = pack_weights(eR, w2, d.L, d.S, d.R, false, kW2, &w2s);  // B(s, r) = w2[l, s, r]
+  const T* w1p = pack_weights(eP, w1, d.K, d.Q, d.P, false, kW1, &w1s);  // B(q, p) = w1[k, q, p]
+  const T* w1tp = hsaved ? nullptr : pack_weights(eQ, w1, d.K, d.Q, d.P, true, kW1T, &w1ts);  // recompute
   const int64_t tile = tile_rows(d.B, 3 * KQ * int64_t(sizeof(T)) / 2), ntiles = (d.B + tile - 1) / tile;
   // Tiles are split into nch contiguous chunks, one dw1/dw2 accumulator each, summed at the end: the
   // result does not depend on which thread runs which chunk.
@@ -538,7 +602,7 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
     T* hbuf = hsaved ? nullptr : scratch<T>(kHbuf, tile * KQ);
     T* dsb = scratch<T>(kDsb, d.L * tile * d.R);
     T* dh = scratch<T>(kDh, tile * KQ);
-    T* bb = scratch<T>(kBb, std::max(packed_b_size(e, tile, d.R), packed_b_size(e, tile, d.P)));
+    T* bb = scratch<T>(kBb, std::max(packed_b_size(eR, tile, d.R), packed_b_size(eP, tile, d.P)));
     for (int64_t c = c0; c < c1; ++c) {
       T* a1 = acc + c * (n1 + n2);
       T* a2 = a1 + n1;
@@ -548,25 +612,25 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
         const bool first = t == tbeg;
         const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
         const T* H = hsaved ? hsaved + b0 * KQ : hbuf;
-        if (!hsaved) stage1_tile(e, d, x, w1tp, w1ts, b0, tb, hbuf);
+        if (!hsaved) stage1_tile(eQ, d, x, w1tp, w1ts, b0, tb, hbuf);
         const T* gt = g + b0 * LS;
         for (int64_t l = 0; l < d.L; ++l) {
           // G_l(i, s) = g[b0+i, s*L + l]: dS_l = G_l @ w2[l], and dw2[l] += G_l^T @ Hp_l with
           // Hp_l(i, r) = h[b0+i, r*L + l]
-          gemm(e, tb, d.R, d.S, gt + l, LS, d.L, w2p + l * w2s, dsb + l * tb * d.R, d.R, false);
-          pack_b(e, tb, d.R, H + l, KQ, d.L, bb);
-          gemm(e, d.S, d.R, tb, gt + l, d.L, LS, bb, a2 + l * d.S * d.R, d.R, !first);
+          gemm(eR, tb, d.R, d.S, gt + l, LS, d.L, w2p + l * w2s, dsb + l * tb * d.R, d.R, false);
+          pack_b(eR, tb, d.R, H + l, KQ, d.L, bb);
+          gemm(eR, d.S, d.R, tb, gt + l, d.L, LS, bb, a2 + l * d.S * d.R, d.R, !first);
         }
         const T* DH = dsb;  // L == 1: dS is already dh in natural layout
         if (d.L > 1) {      // dh[i, r*L + l] = dS_l[i, r], in cache
-          e.il(tb, d.L, d.R, dsb, tb * d.R, dh, KQ);
+          eR.il(tb, d.L, d.R, dsb, tb * d.R, dh, KQ);
           DH = dh;
         }
         for (int64_t k = 0; k < d.K; ++k) {
           // dx_k = dH_k @ w1[k], and dw1[k] += dH_k^T @ X_k
-          gemm(e, tb, d.P, d.Q, DH + k * d.Q, KQ, 1, w1p + k * w1s, dx + b0 * KP + k * d.P, KP, false);
-          pack_b(e, tb, d.P, x + b0 * KP + k * d.P, KP, 1, bb);
-          gemm(e, d.Q, d.P, tb, DH + k * d.Q, 1, KQ, bb, a1 + k * d.Q * d.P, d.P, !first);
+          gemm(eP, tb, d.P, d.Q, DH + k * d.Q, KQ, 1, w1p + k * w1s, dx + b0 * KP + k * d.P, KP, false);
+          pack_b(eP, tb, d.P, x + b0 * KP + k * d.P, KP, 1, bb);
+          gemm(eP, d.Q, d.P, tb, DH + k * d.Q, 1, KQ, bb, a1 + k * d.Q * d.P, d.P, !first);
         }
       }
     }
@@ -672,7 +736,7 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_
 template <class T>
 void fwd_blas_impl(const Dims& d, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, at::Tensor& out,
                    T* hsave) {
-  const Engine<T> e = engine<T>();
+  const Engine<T> e = engine<T>(0);  // only its (de)interleaves
   const int64_t KQ = d.K * d.Q, LS = d.L * d.S, sz = sizeof(T);
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   // h and its split copy (2 x tb x K*Q) in half the L2, at least 64 rows (fewer starve the BLAS kernels)
@@ -733,7 +797,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_blas(const Dims& d, const at::Tensor& x, 
 template <class T>
 void bwd_blas_impl(const Dims& d, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w1,
                    const at::Tensor& w2, const T* hsaved, at::Tensor& dx, at::Tensor& dw1, at::Tensor& dw2) {
-  const Engine<T> e = engine<T>();
+  const Engine<T> e = engine<T>(0);  // only its (de)interleaves
   const int64_t KQ = d.K * d.Q, LS = d.L * d.S, sz = sizeof(T);
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   // per row: g's groups (L*S), h and its groups, dS and dh (4 x K*Q); 128..512 rows, fewer starve the
@@ -1198,6 +1262,12 @@ std::string load_tune_file() {
 
 std::string cpu_isa() { return isa_name(isa()); }
 
+// The panel width (columns of one register-kernel block) that the engine uses for a GEMM with n output columns.
+int64_t cpu_panel_width(int64_t n, at::ScalarType st) {
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "_cpu_panel_width: dtype must be float32 or float64");
+  return st == at::kFloat ? engine<float>(n).nr : engine<double>(n).nr;
+}
+
 // The CUDA op's GEMM plan (cuda/monarch_plan.h) for dims [B, K, P, Q, L, S, R], flattened as 19 ints per
 // GEMM (a, b, c, batch, M, N, Kd, A view, B view, C map) for stage 1, stage 2 and the four backward
 // GEMMs: lets a CPU test execute the CUDA launch plan by emulation.
@@ -1227,6 +1297,8 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("butterfly_bwd(Tensor grad, Tensor twiddle, Tensor x, bool increasing_stride) -> (Tensor, Tensor)");
   // which register kernel the CPU ops use: "avx512", "avx2" or "base"
   m.def("cpu_isa() -> str", &cpu_isa);
+  // the engine's panel width for a GEMM with n output columns (tests check that every width is exercised)
+  m.def("_cpu_panel_width(int n, ScalarType dtype) -> int", &cpu_panel_width);
   // the CPU Monarch route chosen for a shape: dir in fwd, fwd_h, bwd, bwd_h; "" if not measured yet
   m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
   // the same, deciding (measuring on synthetic inputs) if not decided yet; dir in fwd, fwd_h

@@ -104,7 +104,7 @@ def test_monarch_cpu_matches_reference(ops, shape, batch, dtype):
 # once per process) and every CPU route of the op, forced by MONARCH_SEAM_CPU_ROUTE ("auto": the measured
 # choice, with the route cache in a temporary file). Shapes: square, rectangular, non-divisible, L == 1,
 # Q < L, L = 2, 4, 8, 16 (the vectorised interleaves; for L >= 8 also the split of h into groups) with
-# widths that leave a vector tail, and one
+# widths that leave a vector tail, block widths that take each of the ISA's register-kernel widths, and one
 # whose output is made in column chunks (L * tile * S over a quarter of the L2). Also gradcheck and opcheck.
 PATHS_SCRIPT = """
 import json, math, os, torch
@@ -113,10 +113,14 @@ from cuda import monarch_ops
 from layers.monarch import monarch_multiply_ref
 assert monarch_ops.kernel_available()[0]
 worst = 0.0
-for (k, q, p, l, s, r) in [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 40, 2, 64, 96),
-                           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20), (2, 12, 8, 2, 37, 12),
-                           (4, 75, 10, 4, 300, 75), (4, 16, 64, 16, 48, 4), (16, 4, 6, 16, 20, 4),
-                           (8, 6, 5, 8, 33, 6), (16, 32, 8, 16, 12, 32), (8, 20, 4, 8, 6, 20)]:
+SHAPES = [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 40, 2, 64, 96),
+          (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20), (2, 12, 8, 2, 37, 12),
+          (4, 75, 10, 4, 300, 75), (4, 16, 64, 16, 48, 4), (16, 4, 6, 16, 20, 4),
+          (8, 6, 5, 8, 33, 6), (16, 32, 8, 16, 12, 32), (8, 20, 4, 8, 6, 20), (4, 64, 64, 4, 64, 64)]
+# the engine's panel widths these shapes' GEMMs use (output widths Q, S forward; R, P, Q backward)
+widths = {str(dt): sorted({torch.ops.monarch_seam._cpu_panel_width(n, dt) for sh in SHAPES for n in sh[1:3] + sh[4:]})
+          for dt in (torch.float32, torch.float64)}
+for (k, q, p, l, s, r) in SHAPES:
     for rows in (1, 7, 70, 300):
         for dt in (torch.float32, torch.float64):
             g = torch.Generator().manual_seed(rows + k)
@@ -145,9 +149,13 @@ _, h = torch.ops.monarch_seam.monarch_fwd_h(x, w1, w2)
 opcheck(torch.ops.monarch_seam.monarch_fwd_h.default, tuple(args))
 opcheck(torch.ops.monarch_seam.monarch_bwd.default, (torch.randn(9, 6, dtype=torch.float64), x, w1, w2, h))
 dims = [300, 4, 10, 75, 4, 300, 75]
-print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst,
+print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst, "widths": widths,
                   "route": torch.ops.monarch_seam.cpu_route("fwd_h", dims, torch.float32)}))
 """
+
+
+# The engine's panel widths per ISA, in floats (cuda/monarch.cpp, engine()).
+WIDTHS = {"avx512": [16, 32, 48, 64], "avx2": [8, 16, 24], "base": [4, 8, 12]}
 
 
 def _supported_isas():
@@ -168,6 +176,8 @@ def test_monarch_cpu_paths_in_fresh_process(ops, isa, route, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["isa"] == isa
     assert out["worst"] <= 1.0, out  # every error within its dtype tolerance (2e-5 / 1e-12 of the scale)
+    # every register-kernel width of this ISA was used by some GEMM (floats; doubles have half the columns)
+    assert out["widths"] == {"torch.float32": WIDTHS[isa], "torch.float64": [w // 2 for w in WIDTHS[isa]]}, out
     # a forced route is the one taken; "auto" measured all three and kept one
     assert out["route"] == route if route != "auto" else out["route"] in ("engine", "aten", "blas"), out
 
