@@ -9,9 +9,10 @@
 // *strided view* read in place (each A value is a broadcast operand of the register kernel), so the
 // Monarch permutations cost nothing (e.g. stage 2 reads h[b, r*L + l] as a matrix with strides (K*Q, L))
 // and no A panel is packed. Rows are processed in tiles of <= 128 tokens so that a tile's intermediate
-// stays in cache; the weights are packed once per call and shared by all tiles and threads. Only two
-// things are reordered explicitly, both on a tile that is in cache: the output block l is scattered into
-// out[b, s*L + l], and in the backward pass dh is brought back to its natural layout.
+// stays in cache; the weights are packed once per call and shared by all tiles and threads. Only a few
+// things are reordered explicitly, all on a tile that is in cache: the output block l is scattered into
+// out[b, s*L + l]; for L >= 8 a tile's h is split into its L groups before stage 2; in the backward pass dh
+// is brought back to its natural layout, and where S > R the tile's g and h are split into their groups.
 //
 // The register kernel is written once with GCC vector extensions and compiled for three ISAs with
 // function-level target attributes (AVX-512, AVX2+FMA, baseline SSE2), each in three or four panel widths
@@ -497,7 +498,7 @@ struct Scratch {
 
 // Slots: the calling thread's buffers (packed weights, dw accumulators) and each worker's tile buffers
 // are distinct, since the calling thread is also worker 0 of at::parallel_for.
-enum Slot { kW1, kW2, kW1T, kAcc, kHbuf, kObuf, kDsb, kDh, kBb, kNumSlots };
+enum Slot { kW1, kW2, kW1T, kAcc, kHbuf, kObuf, kDsb, kDh, kBb, kGs, kHs, kNumSlots };
 
 template <class T>
 T* scratch(Slot slot, int64_t n) {
@@ -600,6 +601,12 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
   const T* w1p = pack_weights(eP, w1, d.K, d.Q, d.P, false, kW1, &w1s);  // B(q, p) = w1[k, q, p]
   const T* w1tp = hsaved ? nullptr : pack_weights(eQ, w1, d.K, d.Q, d.P, true, kW1T, &w1ts);  // recompute
   const int64_t tile = tile_rows(d.B, 3 * KQ * int64_t(sizeof(T)) / 2), ntiles = (d.B + tile - 1) / tile;
+  // Split each tile's g and h into their L contiguous groups first (below) only where g is the wider of the two
+  // (S > R). Measured with forced engine routes on the Intel Xeon of BENCHMARKS.md, 4096 tokens, GFLOP/s of the
+  // backward, in place -> split: 768->3072 at nblocks 16 (S = 4R) 116-131 -> 162-176, at nblocks 4 186-192 ->
+  // 239-251, ViTAE's 256->512 MLP (6,272 tokens) 189-213 -> 215-231; but 3072->768 at nblocks 16 (S = R)
+  // 147-165 -> 133-141, where the two split copies push the tile's working set out of the L2.
+  const bool split = d.L > 1 && d.S > d.R;
   // Tiles are split into nch contiguous chunks, one dw1/dw2 accumulator each, summed at the end: the
   // result does not depend on which thread runs which chunk.
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
@@ -611,6 +618,8 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
     T* dsb = scratch<T>(kDsb, d.L * tile * d.R);
     T* dh = scratch<T>(kDh, tile * KQ);
     T* bb = scratch<T>(kBb, std::max(packed_b_size(eR, tile, d.R), packed_b_size(eP, tile, d.P)));
+    T* gs = split ? scratch<T>(kGs, tile * LS) : nullptr;
+    T* hs = split ? scratch<T>(kHs, tile * KQ) : nullptr;
     for (int64_t c = c0; c < c1; ++c) {
       T* a1 = acc + c * (n1 + n2);
       T* a2 = a1 + n1;
@@ -621,13 +630,29 @@ void bwd_impl(const Dims& d, const T* g, const T* x, const T* w1, const T* w2, c
         const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
         const T* H = hsaved ? hsaved + b0 * KQ : hbuf;
         if (!hsaved) stage1_tile(eQ, d, x, w1tp, w1ts, b0, tb, hbuf);
-        const T* gt = g + b0 * LS;
+        // G_l(i, s) = g[b0+i, s*L + l] and Hp_l(i, r) = h[b0+i, r*L + l]: with `split` both are first split
+        // into their L contiguous groups (vectorised, one pass over the tile), so that every GEMM below reads
+        // rows: read in place, G_l^T takes a new cache line per row at every k step once L >= 16, and Hp_l's
+        // packing is a scalar gather.
+        const T* G = g + b0 * LS;  // G_l(i, s) = G[l * gplane + i * gld + s * gcs]
+        const T* Hp = H;           // Hp_l(i, r) = Hp[l * hplane + i * hld + r * hcs]
+        int64_t gld = LS, gplane = 1, gcs = d.L, hld = KQ, hplane = 1, hcs = d.L;
+        if (split) {
+          eR.dil(tb, d.L, d.S, G, LS, gs, tb * d.S);
+          eR.dil(tb, d.L, d.R, H, KQ, hs, tb * d.R);
+          G = gs, gld = d.S, gplane = tb * d.S, gcs = 1;
+          Hp = hs, hld = d.R, hplane = tb * d.R, hcs = 1;
+        }
         for (int64_t l = 0; l < d.L; ++l) {
-          // G_l(i, s) = g[b0+i, s*L + l]: dS_l = G_l @ w2[l], and dw2[l] += G_l^T @ Hp_l with
-          // Hp_l(i, r) = h[b0+i, r*L + l]
-          gemm(eR, tb, d.R, d.S, gt + l, LS, d.L, w2p + l * w2s, dsb + l * tb * d.R, d.R, false);
-          pack_b(eR, tb, d.R, H + l, KQ, d.L, bb);
-          gemm(eR, d.S, d.R, tb, gt + l, d.L, LS, bb, a2 + l * d.S * d.R, d.R, !first);
+          // dS_l = G_l @ w2[l], and dw2[l] += G_l^T @ Hp_l
+          const T* Gl = G + l * gplane;
+          gemm(eR, tb, d.R, d.S, Gl, gld, gcs, w2p + l * w2s, dsb + l * tb * d.R, d.R, false);
+          const T* hb = bb;
+          if (hcs == 1 && hld == d.R && d.R == eR.nr)  // one full panel of contiguous rows is already packed
+            hb = Hp + l * hplane;
+          else
+            pack_b(eR, tb, d.R, Hp + l * hplane, hld, hcs, bb);
+          gemm(eR, d.S, d.R, tb, Gl, gcs, gld, hb, a2 + l * d.S * d.R, d.R, !first);
         }
         const T* DH = dsb;  // L == 1: dS is already dh in natural layout
         if (d.L > 1) {      // dh[i, r*L + l] = dS_l[i, r], in cache

@@ -104,7 +104,8 @@ def test_monarch_cpu_matches_reference(ops, shape, batch, dtype):
 # once per process) and every CPU route of the op, forced by MONARCH_SEAM_CPU_ROUTE ("auto": the measured
 # choice, with the route cache in a temporary file). Shapes: square, rectangular, non-divisible, L == 1,
 # Q < L, L = 2, 4, 8, 16 (the vectorised interleaves; for L >= 8 also the split of h into groups) with
-# widths that leave a vector tail, block widths that take each of the ISA's register-kernel widths, and one
+# widths that leave a vector tail, block widths that take each of the ISA's register-kernel widths, S > R (the
+# backward splits g and h into groups; with R one full panel, its split h is used as packed), and one
 # whose output is made in column chunks (L * tile * S over a quarter of the L2). Also gradcheck and opcheck.
 PATHS_SCRIPT = """
 import json, math, os, torch
@@ -116,7 +117,8 @@ worst = 0.0
 SHAPES = [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 40, 2, 64, 96),
           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20), (2, 12, 8, 2, 37, 12),
           (4, 75, 10, 4, 300, 75), (4, 16, 64, 16, 48, 4), (16, 4, 6, 16, 20, 4),
-          (8, 6, 5, 8, 33, 6), (16, 32, 8, 16, 12, 32), (8, 20, 4, 8, 6, 20), (4, 64, 64, 4, 64, 64)]
+          (8, 6, 5, 8, 33, 6), (16, 32, 8, 16, 12, 32), (8, 20, 4, 8, 6, 20), (4, 64, 64, 4, 64, 64),
+          (4, 16, 8, 4, 40, 16), (1, 16, 8, 1, 20, 16)]
 # the engine's panel widths these shapes' GEMMs use (output widths Q, S forward; R, P, Q backward)
 widths = {str(dt): sorted({torch.ops.monarch_seam._cpu_panel_width(n, dt) for sh in SHAPES for n in sh[1:3] + sh[4:]})
           for dt in (torch.float32, torch.float64)}
