@@ -346,36 +346,28 @@ Engine<T> pick(int64_t N, int W, std::initializer_list<Width<T>> ws, IlFn<T> il,
 
 template <class T>
 Engine<T> engine(int64_t N);
-template <>
-Engine<float> engine<float>(int64_t N) {
-  switch (isa()) {
-    case kAvx512:
-      return pick<float>(N, 16, {{8, 3, uk_f32_avx512_3, 1.0}, {6, 4, uk_f32_avx512_4, 0.93},
-                                 {8, 2, uk_f32_avx512_2, 0.90}, {8, 1, uk_f32_avx512_1, 0.8}},
-                         il_f32_avx512, dil_f32_avx512);
-    case kAvx2:
-      return pick<float>(N, 8, {{4, 3, uk_f32_avx2_3, 1.0}, {6, 2, uk_f32_avx2_2, 0.95}, {8, 1, uk_f32_avx2_1, 0.8}},
-                         il_f32_avx2, dil_f32_avx2);
-    default:
-      return pick<float>(N, 4, {{4, 3, uk_f32_base_3, 1.0}, {6, 2, uk_f32_base_2, 0.95}, {8, 1, uk_f32_base_1, 0.8}},
-                         il_f32_base, dil_f32_base);
+// The engines of one dtype (F: f32 or f64; W: its vector width in elements with AVX-512, halved per lesser ISA).
+#define MONARCH_SEAM_ENGINE(T, F, W)                                                                        \
+  template <>                                                                                               \
+  Engine<T> engine<T>(int64_t N) {                                                                          \
+    switch (isa()) {                                                                                        \
+      case kAvx512:                                                                                         \
+        return pick<T>(N, W, {{8, 3, uk_##F##_avx512_3, 1.0}, {6, 4, uk_##F##_avx512_4, 0.93},             \
+                              {8, 2, uk_##F##_avx512_2, 0.90}, {8, 1, uk_##F##_avx512_1, 0.8}},            \
+                       il_##F##_avx512, dil_##F##_avx512);                                                  \
+      case kAvx2:                                                                                           \
+        return pick<T>(N, W / 2, {{4, 3, uk_##F##_avx2_3, 1.0}, {6, 2, uk_##F##_avx2_2, 0.95},            \
+                                  {8, 1, uk_##F##_avx2_1, 0.8}},                                            \
+                       il_##F##_avx2, dil_##F##_avx2);                                                      \
+      default:                                                                                              \
+        return pick<T>(N, W / 4, {{4, 3, uk_##F##_base_3, 1.0}, {6, 2, uk_##F##_base_2, 0.95},            \
+                                  {8, 1, uk_##F##_base_1, 0.8}},                                            \
+                       il_##F##_base, dil_##F##_base);                                                      \
+    }                                                                                                       \
   }
-}
-template <>
-Engine<double> engine<double>(int64_t N) {
-  switch (isa()) {
-    case kAvx512:
-      return pick<double>(N, 8, {{8, 3, uk_f64_avx512_3, 1.0}, {6, 4, uk_f64_avx512_4, 0.93},
-                                 {8, 2, uk_f64_avx512_2, 0.90}, {8, 1, uk_f64_avx512_1, 0.8}},
-                          il_f64_avx512, dil_f64_avx512);
-    case kAvx2:
-      return pick<double>(N, 4, {{4, 3, uk_f64_avx2_3, 1.0}, {6, 2, uk_f64_avx2_2, 0.95}, {8, 1, uk_f64_avx2_1, 0.8}},
-                          il_f64_avx2, dil_f64_avx2);
-    default:
-      return pick<double>(N, 2, {{4, 3, uk_f64_base_3, 1.0}, {6, 2, uk_f64_base_2, 0.95}, {8, 1, uk_f64_base_1, 0.8}},
-                          il_f64_base, dil_f64_base);
-  }
-}
+MONARCH_SEAM_ENGINE(float, f32, 16)
+MONARCH_SEAM_ENGINE(double, f64, 8)
+#undef MONARCH_SEAM_ENGINE
 
 inline int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
 
