@@ -17,8 +17,9 @@
 // The register kernel is written once with GCC vector extensions and compiled for three ISAs with
 // function-level target attributes (AVX-512, AVX2+FMA, baseline SSE2), each in three or four panel widths
 // (AVX-512 floats: 8x48, 6x64, 8x32, 8x16); the best ISA the CPU supports is chosen at load time
-// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests), the width per GEMM from its N. Two more routes (ATen's two-bmm
-// algorithm and the BLAS that torch ships, on strided views) compete with it per shape: see "routes".
+// (MONARCH_SEAM_CPU_ISA=avx512|avx2|base overrides it, for tests), the width per GEMM from its N. Two more
+// routes (ATen's two-bmm algorithm and the BLAS that torch ships, on strided views) compete with it per shape:
+// see "routes".
 //
 // The butterfly ops (schemas below) are implemented in cuda/butterfly_cpu.cpp.
 #include <ATen/ATen.h>
@@ -376,7 +377,8 @@ inline int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
 // of the L2.
 template <class T>
 int64_t kc_of(const Engine<T>& e) {
-  return std::max<int64_t>(32, std::min<int64_t>(512, round_down(l1_bytes() * 3 / 4 / (e.nr * int64_t(sizeof(T))), 16)));
+  const int64_t kc = round_down(l1_bytes() * 3 / 4 / (e.nr * int64_t(sizeof(T))), 16);
+  return std::max<int64_t>(32, std::min<int64_t>(512, kc));
 }
 
 template <class T>
