@@ -817,6 +817,48 @@ def _fnv1a(text):
     return f"{h:x}"
 
 
+def test_monarch_reference_calls_skip_the_dispatch_only_for_their_key(ops, monkeypatch):
+    """A CPU call that took the reference (checks, self-check and path decision passed) lets later calls with the
+    same shapes, dtypes, grad mode and thread count go to the reference at once; any other call is dispatched."""
+    monarch_ops, _ = ops
+    monkeypatch.setattr(monarch_ops, "_ref_calls", {})
+    decided = []
+
+    def path(x, w1, w2):
+        decided.append(tuple(x.shape))
+        return "ref" if x.shape[0] != 9 else "aten"
+
+    monkeypatch.setattr(monarch_ops, "cpu_path", path)
+    gen = torch.Generator().manual_seed(5)
+    w1, w2 = factors(4, 6, 5, 4, 7, 6, torch.float32, gen=gen)
+    x = torch.randn(3, 20, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    want = monarch_multiply_ref(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, torch.ones_like(want))
+    for _ in range(3):  # the first call decides, the others take the reference without asking
+        got = monarch_ops.monarch_multiply(*leaves)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, leaves, torch.ones_like(got)),
+                                                      want_grads))
+    assert decided == [(3, 20)]
+    with torch.no_grad():  # another grad mode
+        assert torch.equal(monarch_ops.monarch_multiply(*leaves), want.detach())
+    monarch_ops.monarch_multiply(x.double(), w1.double(), w2.double())  # another dtype
+    monarch_ops.monarch_multiply(torch.randn(4, 20), w1, w2)  # other rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monarch_ops.monarch_multiply(*leaves)  # another thread count
+    finally:
+        torch.set_num_threads(threads)
+    assert decided == [(3, 20)] * 3 + [(4, 20), (3, 20)]
+    for _ in range(2):  # a call on the op's path is dispatched every time
+        monarch_ops.monarch_multiply(torch.randn(9, 20), w1, w2)
+    assert decided[-2:] == [(9, 20), (9, 20)]
+    with pytest.raises(ValueError, match="K\\*P"):  # a known key does not skip the checks of another shape
+        monarch_ops.monarch_multiply(torch.randn(3, 21), w1, w2)
+
+
 def test_monarch_cpu_dispatch_by_shape(ops, tmp_path):
     # (name, (k, q, p, l, s, r), leading batch, routes written to the file as {dir: route}, expected cpu_path
     # without and with autograd). Threads are fixed at 2 so that the keys below are the ones looked up.
