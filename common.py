@@ -18,6 +18,8 @@
 - ``check_output_dir(path, flag)`` (before anything is created: a folder we can write, or one we can create),
   ``check_output_file(path, flag)``, ``make_run_dir(output, args)``, ``write_json(path, obj)`` (atomic),
   ``latest_checkpoint(output, filename)``, ``Logger(run_dir, enabled, resume_step)``.
+- ``prime_vml()``: resolve MKL's vector-math kernels on one thread before any op runs them on several (called first
+  by every script; the reason is at the function).
 - ``seed_everything(seed)``, ``get_rng_state()`` / ``set_rng_state(state)``, ``count_params(model)``,
   ``convert_sync_batchnorm(model, device)``.
 """
@@ -551,6 +553,34 @@ def latencies(nets, batch, img_size, iters, device=torch.device('cpu'), ctx=None
             if i >= 3:
                 times[name].append(t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# Float unary ops that ATen hands to MKL's vector math library (VML) on contiguous tensors: each thread of the op calls
+# e.g. vmsExp(n, in, out, VML_HA) on its chunk (aten/src/ATen/cpu/vml.h). oneMKL 2024.2, the one torch 2.14 ships,
+# picks each VML function's kernel on that function's first call, and when the first call runs on two threads at
+# once, one of them can compute its whole chunk with a low-accuracy kernel although high accuracy was asked for
+# (pytorch/pytorch#188792); later calls are right. Measured here (README, "Reproducibility and failures"): in the
+# default training run the first torch.exp of the performer features came out wrong in ~1 of 20 fresh processes next
+# to CPU load: the second thread's half (65,391 of 131,072 values) off by up to 1,773 ulp (relative error 1.5e-4),
+# so the run's losses and weights differed. One call on one element runs on the calling thread alone and settles
+# the kernel choice for all later calls. abs and trunc are listed because vml.h maps them too; each entry costs ~1 us.
+VML_OPS = ('abs', 'acos', 'asin', 'atan', 'cos', 'erf', 'erfc', 'exp', 'expm1', 'log', 'log10', 'log1p', 'log2', 'sin',
+           'sqrt', 'tan', 'tanh', 'trunc')
+_vml_primed = False
+
+
+def prime_vml():
+    """Run every VML-backed unary op once on a one-element float32 and float64 tensor (one thread). Idempotent; call it
+    in each process before its first computation (spawned workers are new processes; forked DataLoader workers
+    inherit the settled state)."""
+    global _vml_primed
+    if _vml_primed:
+        return
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)  # inside every listed function's domain
+        for name in VML_OPS:
+            getattr(torch, name)(x)
+    _vml_primed = True
 
 
 def seed_everything(seed):

@@ -337,6 +337,7 @@ def table(results, args):
 
 
 def worker(rank, world_size, args):
+    common.prime_vml()  # a spawned worker is a new process
     if args.threads:
         torch.set_num_threads(args.threads)
     elif world_size > 1 and args.device == 'cpu':  # N CPU processes share the cores instead of oversubscribing
@@ -379,6 +380,7 @@ def worker(rank, world_size, args):
 
 
 def main(argv=None):
+    common.prime_vml()  # before any op: MKL's first vector-math call on several threads can be wrong (common.py)
     args = get_args(argv)
     check_args(args)
     if args.threads:

@@ -64,8 +64,8 @@ import os
 import numpy as np
 import torch
 
-from common import (PROJECT, Logger, UserError, check_output_dir, load_checkpoint, make_run_dir, run_main,
-                    save_checkpoint, seed_everything)
+from common import (PROJECT, Logger, UserError, check_output_dir, load_checkpoint, make_run_dir, prime_vml,
+                    run_main, save_checkpoint, seed_everything)
 from data import dataset_info
 from data.seam_tasks import check_base_part, check_data, loader, source_spec, task_classes, task_spec
 from models import build_model, seam
@@ -276,6 +276,7 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    prime_vml()  # before any op: MKL's first vector-math call on several threads can be wrong (common.py)
     seed_everything(args.seed)
     dev = torch.device(args.device)
     source = source_spec(args)

@@ -331,6 +331,7 @@ def train(rank, world_size, args):
     if device.type == 'cpu':
         local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
+    common.prime_vml()  # before any op: MKL's first vector-math call on two threads can be wrong (common.py)
     torch.use_deterministic_algorithms(device.type == 'cpu', warn_only=True)
     say = print if is_main else (lambda *a, **k: None)
 
@@ -549,6 +550,7 @@ def train(rank, world_size, args):
 
 
 def main(argv=None):
+    common.prime_vml()  # this process builds models to validate the flags; see common.prime_vml
     args = get_args(argv)
     validate(args)
     common.launch(worker, args, args.nproc)

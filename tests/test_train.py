@@ -179,6 +179,54 @@ def test_cpu_training_runs_in_deterministic_mode(tmp_path, monkeypatch, threads)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
 
 
+# Run in a fresh process (the primer works once per process): records the size of every call of the ops that MKL's
+# vector math library serves, then trains a few steps. PRIME=0 switches the primer off (the control).
+_RECORD_VML = """
+import json, os, sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+import common, train_vitae_monarch as tvm
+names = set(common.VML_OPS)
+calls = []
+class Record(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split('::')[-1].split('.')[0].rstrip('_')
+        if name in names and isinstance(args[0], torch.Tensor) and args[0].dtype.is_floating_point:
+            calls.append((name, str(args[0].dtype), args[0].numel()))
+        return func(*args, **(kwargs or {}))
+if os.environ['PRIME'] == '0':
+    common.prime_vml = lambda: None
+with Record():
+    tvm.main(sys.argv[1:])
+print('CALLS ' + json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize('prime', ['1', '0'])
+def test_vector_math_ops_are_first_called_on_one_element(tmp_path, prime):
+    # README "Reproducibility and failures": MKL 2024.2 picks each vector-math function's kernel at its first call,
+    # and a first call on two threads at once can compute one thread's chunk at low accuracy (the default run's
+    # performer exp did, about once in 20 fresh processes under load). The scripts call common.prime_vml() first, so
+    # in a run every such op's first call (per dtype) has one element, and the big calls come after it. The control
+    # (primer off) shows this check catches a run whose first exp is a many-thread call.
+    # batch 32: the first performer's exp has 32 x 64 tokens x 32 features = 65,536 values, split over both threads
+    r = run_cli('-c', _RECORD_VML, '--epochs', '1', '--threads', '2', '--output', str(tmp_path), *TINY,
+                '--batch-size', '32', env={'PRIME': prime})
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = json.loads(r.stdout.split('CALLS ', 1)[1])
+    first = {}
+    for name, dtype, n in calls:
+        first.setdefault((name, dtype), n)
+    big_exp = [n for name, dtype, n in calls if (name, dtype) == ('exp', 'torch.float32') and n >= 65536]
+    assert big_exp, 'the run no longer calls a multi-thread float32 exp: the check below would prove nothing'
+    unprimed = {k: n for k, n in first.items() if n != 1}
+    if prime == '1':
+        assert not unprimed, unprimed
+        assert {(name, dtype) for name in common.VML_OPS for dtype in ('torch.float32', 'torch.float64')} <= set(first)
+    else:
+        assert ('exp', 'torch.float32') in unprimed
+
+
 def _user_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
         common.run_main(lambda: tvm.main(list(argv)))
