@@ -561,7 +561,7 @@ def latencies(nets, batch, img_size, iters, device=torch.device('cpu'), ctx=None
 # once, one of them can compute its whole chunk with a low-accuracy kernel although high accuracy was asked for
 # (pytorch/pytorch#188792); later calls are right. Measured here (README, "Reproducibility and failures"): in the
 # default training run the first torch.exp of the performer features came out wrong in 6 of 88 fresh processes
-# started after CPU load (0 of 87 with this primer): the second thread's half (65,391 of 131,072 values) off by up
+# under CPU load (0 of 87 with this primer): the second thread's half (65,391 of 131,072 values) off by up
 # to 1,773 ulp (relative error 1.5e-4), so the run's losses and weights differed. One call on one element runs on
 # the calling thread alone and settles the kernel choice for all later calls. abs and trunc are listed because
 # vml.h maps them too. All 36 calls take ~6 ms in a fresh process (MKL picking the kernels), ~2 us each after.

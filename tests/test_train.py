@@ -206,7 +206,7 @@ print('CALLS ' + json.dumps(calls))
 def test_vector_math_ops_are_first_called_on_one_element(tmp_path, prime):
     # README "Reproducibility and failures": MKL 2024.2 picks each vector-math function's kernel at its first call,
     # and a first call on two threads at once can compute one thread's chunk at low accuracy (the default run's
-    # performer exp did in 6 of 88 fresh processes after CPU load). The scripts call common.prime_vml() first, so
+    # performer exp did in 6 of 88 fresh processes under CPU load). The scripts call common.prime_vml() first, so
     # in a run every such op's first call (per dtype) has one element, and the big calls come after it. The control
     # (primer off) shows this check catches a run whose first exp is a many-thread call.
     # batch 32: the first performer's exp has 32 x 64 tokens x 32 features = 65,536 values, split over both threads
