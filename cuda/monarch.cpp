@@ -11,7 +11,8 @@
 // and no A panel is packed. Rows are processed in tiles of <= 128 tokens so that a tile's intermediate
 // stays in cache; the weights are packed once per call and shared by all tiles and threads. Only a few
 // things are reordered explicitly, all on a tile that is in cache: the output block l is scattered into
-// out[b, s*L + l]; for L >= 8 a tile's h is split into its L groups before stage 2; in the backward pass dh
+// out[b, s*L + l] (except for L = 2 or 4 floats, or 2 doubles, with R within one k-slice: there stage 2 is
+// one "lane" GEMM whose output is already in that order, see bcast); for L >= 8 a tile's h is split into its L groups before stage 2; in the backward pass dh
 // is brought back to its natural layout, and where S > R the tile's g and h are split into their groups.
 //
 // The register kernel is written once with GCC vector extensions and compiled for three ISAs with
@@ -67,7 +68,39 @@ struct Vec {
 // accumulators + 3 for B.
 constexpr int kEdge = 8 * 48;  // most elements of any kernel's MR x NV*W block (gemm's ragged-edge buffer)
 
-template <class T, int VB, int MR, int NV>
+// A "lane" kernel (BL > 1) reads BL consecutive values per A element and repeats them across the vector
+// (lane j gets A(i, k)[j % BL]). With A(i, k) = h[b, k*L ...) and BL = L, one GEMM over all L blocks at once,
+// C(b, s*L + l) = sum_r h[b, r*L + l] w2[l, s, r], makes Monarch's stage 2 straight in its output order: no
+// interleave of the output (B packed by pack_lanes). Every broadcast is one load uop (vpbroadcastq,
+// vbroadcastf32x4/f128, or a plain load where BL values fill the vector): inline asm where no vector-extension
+// form compiles to it (a shuffle per broadcast would take an FMA port). Only BL*sizeof(T) <= 16 bytes: A's
+// traffic per FMA grows with BL, and at L = 8 or 16 floats the lane GEMM ran 0-30% slower than the block GEMMs
+// with the interleave (forced engine routes on the Intel Xeon of BENCHMARKS.md, 4096 tokens, forward).
+struct Bytes16 { char c[16]; };
+template <class T, int VB, int BL>
+static inline __attribute__((always_inline)) typename Vec<T, VB>::type bcast(const T* p) {
+  typedef typename Vec<T, VB>::type V;
+  constexpr int BY = BL * int(sizeof(T));
+  static_assert(BL > 1 && VB % BY == 0, "lane broadcast: BL values must tile the vector");
+  V r;
+  if constexpr (BY == VB) {
+    std::memcpy(&r, p, VB);
+  } else if constexpr (BY == 8) {
+    typedef int64_t I __attribute__((vector_size(VB)));
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    const I iv = I{} + v;
+    std::memcpy(&r, &iv, VB);
+  } else if constexpr (VB == 64 && BY == 16) {
+    asm("vbroadcastf32x4 %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const Bytes16*>(p)));
+  } else {
+    static_assert(VB == 32 && BY == 16, "lane broadcast: unsupported width");
+    asm("vbroadcastf128 %1, %0" : "=x"(r) : "m"(*reinterpret_cast<const Bytes16*>(p)));
+  }
+  return r;
+}
+
+template <class T, int VB, int MR, int NV, int BL = 1>
 static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const T* __restrict A, int64_t ars,
                                                                int64_t acs, int mvalid, const T* __restrict B,
                                                                T* __restrict C, int64_t ldc, bool acc) {
@@ -96,9 +129,15 @@ static inline __attribute__((always_inline)) void ukernel_body(int64_t kc, const
     for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + j * W, VB);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T a = ap[i][ko];
+      if constexpr (BL == 1) {
+        const T a = ap[i][ko];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) c[i][j] += a * b[j];
+        for (int j = 0; j < NV; ++j) c[i][j] += a * b[j];
+      } else {
+        const V a = bcast<T, VB, BL>(ap[i] + ko);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) c[i][j] += a * b[j];
+      }
     }
     B += NV * W;
   }
@@ -151,6 +190,28 @@ MONARCH_SEAM_UK(uk_f32_base_1, float, , 16, 8, 1)                         // 8 x
 MONARCH_SEAM_UK(uk_f64_base_3, double, , 16, 4, 3)                        // 4 x 6 doubles
 MONARCH_SEAM_UK(uk_f64_base_2, double, , 16, 6, 2)                        // 6 x 4
 MONARCH_SEAM_UK(uk_f64_base_1, double, , 16, 8, 1)                        // 8 x 2
+
+// Lane kernels (see bcast) in the two widest panel widths per ISA, for BL = L of at most 16 bytes: the GEMMs
+// they run are N = S*L wide, so a narrower panel would rarely pad less.
+#define MONARCH_SEAM_UKL(NAME, T, TARGET, VB, MR, NV, BL)                                           \
+  TARGET void NAME(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,  \
+                   int64_t ldc, bool acc) {                                                          \
+    ukernel_body<T, VB, MR, NV, BL>(kc, A, ars, acs, mvalid, B, C, ldc, acc);                     \
+  }
+#define MONARCH_SEAM_UKL2(F, T, ISA, TARGET, VB, MRa, NVa, MRb, NVb, BL) \
+  MONARCH_SEAM_UKL(ukl_##F##_##ISA##_a_##BL, T, TARGET, VB, MRa, NVa, BL)  \
+  MONARCH_SEAM_UKL(ukl_##F##_##ISA##_b_##BL, T, TARGET, VB, MRb, NVb, BL)
+MONARCH_SEAM_UKL2(f32, float, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 2)
+MONARCH_SEAM_UKL2(f32, float, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 4)
+MONARCH_SEAM_UKL2(f64, double, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 2)
+MONARCH_SEAM_UKL2(f32, float, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 2)
+MONARCH_SEAM_UKL2(f32, float, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 4)
+MONARCH_SEAM_UKL2(f64, double, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 2)
+MONARCH_SEAM_UKL2(f32, float, base, , 16, 4, 3, 6, 2, 2)
+MONARCH_SEAM_UKL2(f32, float, base, , 16, 4, 3, 6, 2, 4)
+MONARCH_SEAM_UKL2(f64, double, base, , 16, 4, 3, 6, 2, 2)
+#undef MONARCH_SEAM_UKL2
+#undef MONARCH_SEAM_UKL
 #undef MONARCH_SEAM_UK
 
 // ---------------------------------------------------------------- block interleave
@@ -370,6 +431,62 @@ MONARCH_SEAM_ENGINE(float, f32, 16)
 MONARCH_SEAM_ENGINE(double, f64, 8)
 #undef MONARCH_SEAM_ENGINE
 
+// The lane engine for GEMMs of N = n*L columns whose A elements are L consecutive values (see bcast); its fn
+// is null where no lane kernel exists for this L and dtype (L other than 2 or 4 floats, 2 doubles): callers
+// then use the per-block GEMMs and the (de)interleaves.
+template <class T>
+Engine<T> lane_engine(int64_t N, int64_t L);
+#define MONARCH_SEAM_LANE_CASE(ISA, F, W, MRa, NVa, MRb, NVb, SPEEDb, BL)                                 \
+  case BL:                                                                                               \
+    return pick<T>(N, W, {{MRa, NVa, ukl_##F##_##ISA##_a_##BL, 1.0}, {MRb, NVb, ukl_##F##_##ISA##_b_##BL, SPEEDb}}, \
+                   nullptr, nullptr);
+template <>
+Engine<float> lane_engine<float>(int64_t N, int64_t L) {
+  typedef float T;
+  switch (isa()) {
+    case kAvx512:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(avx512, f32, 16, 8, 3, 6, 4, 0.93, 2)
+        MONARCH_SEAM_LANE_CASE(avx512, f32, 16, 8, 3, 6, 4, 0.93, 4)
+      }
+      break;
+    case kAvx2:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(avx2, f32, 8, 4, 3, 6, 2, 0.95, 2)
+        MONARCH_SEAM_LANE_CASE(avx2, f32, 8, 4, 3, 6, 2, 0.95, 4)
+      }
+      break;
+    default:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(base, f32, 4, 4, 3, 6, 2, 0.95, 2)
+        MONARCH_SEAM_LANE_CASE(base, f32, 4, 4, 3, 6, 2, 0.95, 4)
+      }
+  }
+  return {0, 0, nullptr, nullptr, nullptr};
+}
+template <>
+Engine<double> lane_engine<double>(int64_t N, int64_t L) {
+  typedef double T;
+  switch (isa()) {
+    case kAvx512:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(avx512, f64, 8, 8, 3, 6, 4, 0.93, 2)
+      }
+      break;
+    case kAvx2:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(avx2, f64, 4, 4, 3, 6, 2, 0.95, 2)
+      }
+      break;
+    default:
+      switch (L) {
+        MONARCH_SEAM_LANE_CASE(base, f64, 2, 4, 3, 6, 2, 0.95, 2)
+      }
+  }
+  return {0, 0, nullptr, nullptr, nullptr};
+}
+#undef MONARCH_SEAM_LANE_CASE
+
 inline int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
 
 // Blocking from this CPU's caches (cpu_isa.h): the k-slice of a B panel (kc x nr) takes three quarters of
@@ -426,6 +543,33 @@ void pack_b(const Engine<T>& e, int64_t K, int64_t N, const T* b, int64_t brs, i
       }
     }
   }
+}
+
+// Packed B of a lane GEMM (see bcast): N = n*L columns, column j = c*L + l holding
+// src[l*plane + c*cstride + k*kstride] for k < K, in pack_b's panel layout. Monarch's w2 (L, S, R) as the
+// forward's B(r, s*L + l) = w2[l, s, r] is (plane, cstride, kstride) = (S*R, R, 1), as the backward's
+// B(s, r*L + l) = w2[l, s, r] it is (S*R, 1, R). Parallel over panels; 64 k rows at a time, as pack_b.
+template <class T>
+void pack_lanes(const Engine<T>& e, int64_t K, int64_t N, int64_t L, const T* src, int64_t plane, int64_t cstride,
+                int64_t kstride, T* dst) {
+  const int nr = e.nr;
+  const int64_t npan = (N + nr - 1) / nr;
+  at::parallel_for(0, npan, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j0 = q * nr, n = std::min<int64_t>(nr, N - j0);
+      T* d = dst + q * K * nr;
+      for (int64_t k = 0; k < K; ++k) std::fill(d + k * nr + n, d + (k + 1) * nr, T(0));
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {
+        const int64_t kb = std::min<int64_t>(64, K - k0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t jj = j0 + j;
+          const T* sp = src + (jj % L) * plane + (jj / L) * cstride + k0 * kstride;
+          T* dd = d + k0 * nr + j;
+          for (int64_t k = 0; k < kb; ++k) dd[k * nr] = sp[k * kstride];
+        }
+      }
+    }
+  });
 }
 
 // C (M x N, row stride ldc) = [C +] A @ B, A a strided view read in place, B packed by pack_b with the same K.
@@ -539,27 +683,52 @@ void stage1_tile(const Engine<T>& e, const Dims& d, const T* x, const T* w1p, in
     gemm(e, tb, d.Q, d.P, x + b0 * KP + k * d.P, KP, 1, w1p + k * w1s, H + k * d.Q, KQ, false);
 }
 
+// The forward's stage-2 lane engine, or a null fn where it takes the block GEMMs and the interleave.
+// L > 1 with a lane kernel for this L, and R within one k-slice: stage 2 is one lane GEMM per tile, h read
+// in place, out written once in its final order (see bcast); otherwise L block GEMMs per tile into a buffer
+// in cache and the interleave below. With R over a k-slice the lane GEMM would add each slice's partial sums
+// into out itself, outside the cache: 1024->1024 at nblocks 4 (R = 256 > kc = 192) ran ~7% slower that way,
+// while 768->3072 and 3072->768 (R = 192) ran 3-10% faster (forced engine routes, the Xeon of BENCHMARKS.md).
+template <class T>
+Engine<T> fwd_lanes(const Dims& d) {
+  Engine<T> el = d.L > 1 ? lane_engine<T>(d.L * d.S, d.L) : Engine<T>{0, 0, nullptr, nullptr, nullptr};
+  if (el.fn && d.R > kc_of(el)) el.fn = nullptr;
+  return el;
+}
+
 template <class T>
 void fwd_impl(const Dims& d, const T* x, const T* w1, const T* w2, T* out, T* hsave) {
   const Engine<T> e = engine<T>(d.S), e1 = engine<T>(d.Q);  // stage 2 makes S columns, stage 1 Q
   const int64_t KQ = d.K * d.Q, LS = d.L * d.S;
-  int64_t w1s, w2s;
+  const Engine<T> el = fwd_lanes<T>(d);  // null fn: the block GEMMs and the interleave
+  int64_t w1s, w2s = 0;
   const T* w1p = pack_weights(e1, w1, d.K, d.Q, d.P, true, kW1, &w1s);  // B(p, q) = w1[k, q, p]
-  const T* w2p = pack_weights(e, w2, d.L, d.S, d.R, true, kW2, &w2s);   // B(r, s) = w2[l, s, r]
+  const T* w2p = nullptr;
+  if (el.fn) {  // B(r, s*L + l) = w2[l, s, r]
+    T* p = scratch<T>(kW2, packed_b_size(el, d.R, LS));
+    pack_lanes(el, d.R, LS, d.L, w2, d.S * d.R, d.R, 1, p);
+    w2p = p;
+  } else {
+    w2p = pack_weights(e, w2, d.L, d.S, d.R, true, kW2, &w2s);  // B(r, s) = w2[l, s, r]
+  }
   const int64_t tile = tile_rows(d.B, 2 * KQ * int64_t(sizeof(T))), ntiles = (d.B + tile - 1) / tile;
   // output columns per chunk: a chunk's L blocks (L x tile x sc) take at most a quarter of the L2
   const int64_t sc = std::min(
       d.S, std::max<int64_t>(e.nr, l2_bytes() / 4 / (d.L * tile * int64_t(sizeof(T))) / e.nr * e.nr));
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     T* hbuf = hsave ? nullptr : scratch<T>(kHbuf, tile * KQ);
-    T* obuf = scratch<T>(kObuf, d.L * tile * sc);
-    T* gbuf = d.L >= 8 ? scratch<T>(kDsb, tile * KQ) : nullptr;
+    T* obuf = el.fn ? nullptr : scratch<T>(kObuf, d.L * tile * sc);
+    T* gbuf = d.L >= 8 && !el.fn ? scratch<T>(kDsb, tile * KQ) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, tb = std::min(tile, d.B - b0);
       T* H = hsave ? hsave + b0 * KQ : hbuf;
       stage1_tile(e1, d, x, w1p, w1s, b0, tb, H);
       if (d.L == 1) {  // no permutation at all: straight into out
         gemm(e, tb, d.S, d.R, H, KQ, 1, w2p, out + b0 * LS, LS, false);
+        continue;
+      }
+      if (el.fn) {  // A(i, r) = the L values h[b0+i, r*L ...): strides (K*Q, L), output in final order
+        gemm(el, tb, LS, d.R, H, KQ, d.L, w2p, out + b0 * LS, LS, false);
         continue;
       }
       // block l reads h[b, r*L + l]: the A view with strides (K*Q, L). Its output is made sc columns at a
@@ -1295,6 +1464,14 @@ int64_t cpu_panel_width(int64_t n, at::ScalarType st) {
   return st == at::kFloat ? engine<float>(n).nr : engine<double>(n).nr;
 }
 
+// Whether the engine's forward makes stage 2 with a lane kernel (see fwd_lanes) for dims [B, K, P, Q, L, S, R].
+bool cpu_fwd_lanes(std::vector<int64_t> dims, at::ScalarType st) {
+  TORCH_CHECK(dims.size() == 7, "_cpu_fwd_lanes: dims must be [B, K, P, Q, L, S, R]");
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "_cpu_fwd_lanes: dtype must be float32 or float64");
+  const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  return st == at::kFloat ? fwd_lanes<float>(d).fn != nullptr : fwd_lanes<double>(d).fn != nullptr;
+}
+
 // The CUDA op's GEMM plan (cuda/monarch_plan.h) for dims [B, K, P, Q, L, S, R], flattened as 19 ints per
 // GEMM (a, b, c, batch, M, N, Kd, A view, B view, C map) for stage 1, stage 2 and the four backward
 // GEMMs: lets a CPU test execute the CUDA launch plan by emulation.
@@ -1326,6 +1503,7 @@ TORCH_LIBRARY(monarch_seam, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   // the engine's panel width for a GEMM with n output columns (tests check that every width is exercised)
   m.def("_cpu_panel_width(int n, ScalarType dtype) -> int", &cpu_panel_width);
+  m.def("_cpu_fwd_lanes(int[] dims, ScalarType dtype) -> bool", &cpu_fwd_lanes);
   // the CPU Monarch route chosen for a shape: dir in fwd, fwd_h, bwd, bwd_h; "" if not measured yet
   m.def("cpu_route(str dir, int[] dims, ScalarType dtype) -> str", &cpu_route);
   // the same, deciding (measuring on synthetic inputs) if not decided yet; dir in fwd, fwd_h

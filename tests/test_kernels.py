@@ -103,7 +103,8 @@ def test_monarch_cpu_matches_reference(ops, shape, batch, dtype):
 # The same comparison in a fresh process for every register kernel this CPU can run (the ISA is chosen
 # once per process) and every CPU route of the op, forced by MONARCH_SEAM_CPU_ROUTE ("auto": the measured
 # choice, with the route cache in a temporary file). Shapes: square, rectangular, non-divisible, L == 1,
-# Q < L, L = 2, 4, 8, 16 (the vectorised interleaves; for L >= 8 also the split of h into groups) with
+# Q < L, L = 2, 4, 8, 16 (the lane GEMM of stage 2 for L = 2, 4, the vectorised interleaves otherwise and for
+# L = 4 with R = 256, over a k-slice; for L >= 8 also the split of h into groups) with
 # widths that leave a vector tail, block widths that take each of the ISA's register-kernel widths, S > R (the
 # backward splits g and h into groups; with R one full panel, its split h is used as packed), and one
 # whose output is made in column chunks (L * tile * S over a quarter of the L2). Also gradcheck and opcheck.
@@ -118,10 +119,13 @@ SHAPES = [(4, 8, 8, 4, 8, 8), (3, 5, 4, 5, 2, 3), (16, 2, 3, 4, 6, 8), (2, 96, 4
           (1, 4, 5, 1, 3, 4), (4, 20, 25, 4, 25, 20), (2, 12, 8, 2, 37, 12),
           (4, 75, 10, 4, 300, 75), (4, 16, 64, 16, 48, 4), (16, 4, 6, 16, 20, 4),
           (8, 6, 5, 8, 33, 6), (16, 32, 8, 16, 12, 32), (8, 20, 4, 8, 6, 20), (4, 64, 64, 4, 64, 64),
-          (4, 16, 8, 4, 40, 16), (1, 16, 8, 1, 20, 16)]
+          (4, 16, 8, 4, 40, 16), (1, 16, 8, 1, 20, 16), (4, 256, 8, 4, 16, 256)]
 # the engine's panel widths these shapes' GEMMs use (output widths Q, S forward; R, P, Q backward)
 widths = {str(dt): sorted({torch.ops.monarch_seam._cpu_panel_width(n, dt) for sh in SHAPES for n in sh[1:3] + sh[4:]})
           for dt in (torch.float32, torch.float64)}
+# whether the engine's forward made stage 2 with a lane kernel (L = 2, 4 floats or 2 doubles, R in one k-slice)
+lanes = sorted({torch.ops.monarch_seam._cpu_fwd_lanes([300, sh[0], sh[2], sh[1], sh[3], sh[4], sh[5]], dt)
+                for sh in SHAPES for dt in (torch.float32, torch.float64)})
 for (k, q, p, l, s, r) in SHAPES:
     for rows in (1, 7, 70, 300):
         for dt in (torch.float32, torch.float64):
@@ -151,7 +155,7 @@ _, h = torch.ops.monarch_seam.monarch_fwd_h(x, w1, w2)
 opcheck(torch.ops.monarch_seam.monarch_fwd_h.default, tuple(args))
 opcheck(torch.ops.monarch_seam.monarch_bwd.default, (torch.randn(9, 6, dtype=torch.float64), x, w1, w2, h))
 dims = [300, 4, 10, 75, 4, 300, 75]
-print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst, "widths": widths,
+print(json.dumps({"isa": torch.ops.monarch_seam.cpu_isa(), "worst": worst, "widths": widths, "lanes": lanes,
                   "route": torch.ops.monarch_seam.cpu_route("fwd_h", dims, torch.float32)}))
 """
 
@@ -180,6 +184,9 @@ def test_monarch_cpu_paths_in_fresh_process(ops, isa, route, tmp_path):
     assert out["worst"] <= 1.0, out  # every error within its dtype tolerance (2e-5 / 1e-12 of the scale)
     # every register-kernel width of this ISA was used by some GEMM (floats; doubles have half the columns)
     assert out["widths"] == {"torch.float32": WIDTHS[isa], "torch.float64": [w // 2 for w in WIDTHS[isa]]}, out
+    # some shapes took the forward's lane GEMM (L = 2, 4 with R in one k-slice) and some the block GEMMs
+    # (L = 1, 3, 5, 8, 16, and L = 4 with R = 256 over a k-slice)
+    assert out["lanes"] == [False, True], out
     # a forced route is the one taken; "auto" measured all three and kept one
     assert out["route"] == route if route != "auto" else out["route"] in ("engine", "aten", "blas"), out
 
