@@ -193,25 +193,21 @@ MONARCH_SEAM_UK(uk_f64_base_1, double, , 16, 8, 1)                        // 8 x
 
 // Lane kernels (see bcast) in the two widest panel widths per ISA, for BL = L of at most 16 bytes: the GEMMs
 // they run are N = S*L wide, so a narrower panel would rarely pad less.
-#define MONARCH_SEAM_UKL(NAME, T, TARGET, VB, MR, NV, BL)                                           \
-  TARGET void NAME(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,  \
-                   int64_t ldc, bool acc) {                                                          \
-    ukernel_body<T, VB, MR, NV, BL>(kc, A, ars, acs, mvalid, B, C, ldc, acc);                     \
-  }
-#define MONARCH_SEAM_UKL2(F, T, ISA, TARGET, VB, MRa, NVa, MRb, NVb, BL) \
-  MONARCH_SEAM_UKL(ukl_##F##_##ISA##_a_##BL, T, TARGET, VB, MRa, NVa, BL)  \
-  MONARCH_SEAM_UKL(ukl_##F##_##ISA##_b_##BL, T, TARGET, VB, MRb, NVb, BL)
-MONARCH_SEAM_UKL2(f32, float, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 2)
-MONARCH_SEAM_UKL2(f32, float, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 4)
-MONARCH_SEAM_UKL2(f64, double, avx512, MONARCH_SEAM_AVX512, 64, 8, 3, 6, 4, 2)
-MONARCH_SEAM_UKL2(f32, float, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 2)
-MONARCH_SEAM_UKL2(f32, float, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 4)
-MONARCH_SEAM_UKL2(f64, double, avx2, MONARCH_SEAM_AVX2, 32, 4, 3, 6, 2, 2)
-MONARCH_SEAM_UKL2(f32, float, base, , 16, 4, 3, 6, 2, 2)
-MONARCH_SEAM_UKL2(f32, float, base, , 16, 4, 3, 6, 2, 4)
-MONARCH_SEAM_UKL2(f64, double, base, , 16, 4, 3, 6, 2, 2)
-#undef MONARCH_SEAM_UKL2
-#undef MONARCH_SEAM_UKL
+template <class T, int MR, int NV, int BL>
+MONARCH_SEAM_AVX512 void ukl_avx512(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,
+                                    int64_t ldc, bool acc) {
+  ukernel_body<T, 64, MR, NV, BL>(kc, A, ars, acs, mvalid, B, C, ldc, acc);
+}
+template <class T, int MR, int NV, int BL>
+MONARCH_SEAM_AVX2 void ukl_avx2(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C,
+                                int64_t ldc, bool acc) {
+  ukernel_body<T, 32, MR, NV, BL>(kc, A, ars, acs, mvalid, B, C, ldc, acc);
+}
+template <class T, int MR, int NV, int BL>
+void ukl_base(int64_t kc, const T* A, int64_t ars, int64_t acs, int mvalid, const T* B, T* C, int64_t ldc,
+              bool acc) {
+  ukernel_body<T, 16, MR, NV, BL>(kc, A, ars, acs, mvalid, B, C, ldc, acc);
+}
 #undef MONARCH_SEAM_UK
 
 // ---------------------------------------------------------------- block interleave
@@ -434,58 +430,29 @@ MONARCH_SEAM_ENGINE(double, f64, 8)
 // The lane engine for GEMMs of N = n*L columns whose A elements are L consecutive values (see bcast); its fn
 // is null where no lane kernel exists for this L and dtype (L other than 2 or 4 floats, 2 doubles): callers
 // then use the per-block GEMMs and the (de)interleaves.
+template <class T, int BL>
+Engine<T> lane_engine_bl(int64_t N) {
+  constexpr int W = 64 / int(sizeof(T));  // elements per AVX-512 vector
+  switch (isa()) {
+    case kAvx512:
+      return pick<T>(N, W, {{8, 3, ukl_avx512<T, 8, 3, BL>, 1.0}, {6, 4, ukl_avx512<T, 6, 4, BL>, 0.93}}, nullptr,
+                     nullptr);
+    case kAvx2:
+      return pick<T>(N, W / 2, {{4, 3, ukl_avx2<T, 4, 3, BL>, 1.0}, {6, 2, ukl_avx2<T, 6, 2, BL>, 0.95}}, nullptr,
+                     nullptr);
+    default:
+      return pick<T>(N, W / 4, {{4, 3, ukl_base<T, 4, 3, BL>, 1.0}, {6, 2, ukl_base<T, 6, 2, BL>, 0.95}}, nullptr,
+                     nullptr);
+  }
+}
+
 template <class T>
-Engine<T> lane_engine(int64_t N, int64_t L);
-#define MONARCH_SEAM_LANE_CASE(ISA, F, W, MRa, NVa, MRb, NVb, SPEEDb, BL)                                 \
-  case BL:                                                                                               \
-    return pick<T>(N, W, {{MRa, NVa, ukl_##F##_##ISA##_a_##BL, 1.0}, {MRb, NVb, ukl_##F##_##ISA##_b_##BL, SPEEDb}}, \
-                   nullptr, nullptr);
-template <>
-Engine<float> lane_engine<float>(int64_t N, int64_t L) {
-  typedef float T;
-  switch (isa()) {
-    case kAvx512:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(avx512, f32, 16, 8, 3, 6, 4, 0.93, 2)
-        MONARCH_SEAM_LANE_CASE(avx512, f32, 16, 8, 3, 6, 4, 0.93, 4)
-      }
-      break;
-    case kAvx2:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(avx2, f32, 8, 4, 3, 6, 2, 0.95, 2)
-        MONARCH_SEAM_LANE_CASE(avx2, f32, 8, 4, 3, 6, 2, 0.95, 4)
-      }
-      break;
-    default:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(base, f32, 4, 4, 3, 6, 2, 0.95, 2)
-        MONARCH_SEAM_LANE_CASE(base, f32, 4, 4, 3, 6, 2, 0.95, 4)
-      }
-  }
+Engine<T> lane_engine(int64_t N, int64_t L) {
+  if (L == 2) return lane_engine_bl<T, 2>(N);
+  if constexpr (sizeof(T) == 4)
+    if (L == 4) return lane_engine_bl<T, 4>(N);
   return {0, 0, nullptr, nullptr, nullptr};
 }
-template <>
-Engine<double> lane_engine<double>(int64_t N, int64_t L) {
-  typedef double T;
-  switch (isa()) {
-    case kAvx512:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(avx512, f64, 8, 8, 3, 6, 4, 0.93, 2)
-      }
-      break;
-    case kAvx2:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(avx2, f64, 4, 4, 3, 6, 2, 0.95, 2)
-      }
-      break;
-    default:
-      switch (L) {
-        MONARCH_SEAM_LANE_CASE(base, f64, 2, 4, 3, 6, 2, 0.95, 2)
-      }
-  }
-  return {0, 0, nullptr, nullptr, nullptr};
-}
-#undef MONARCH_SEAM_LANE_CASE
 
 inline int64_t round_down(int64_t v, int64_t m) { return v / m * m; }
 
